@@ -1,0 +1,153 @@
+"""One federated client (any site): MONAI training of BratsSegResNet on the NVFlare Client API.
+
+Every round: receive the global model, validate it on the shared validation cases, train ``aggregation_epochs``
+local epochs, and send the weights back (the Client API turns them into a weight difference, as job.py asks) with
+the validation Dice and the number of local steps, which FedAvg uses as the aggregation weight.
+
+The imaging pipeline (transforms, loss, Dice, sliding-window inference) lives in brats_pipeline.py, shared with
+result_stat/ and the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import nvflare.client as flare
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.client.tracking import SummaryWriter
+
+import brats_pipeline as bp
+from model import BratsSegResNet
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="BraTS federated client (started by job.py through NVFlare)")
+    p.add_argument("--dataset_base_dir", required=True, help="root that datalist paths are relative to")
+    p.add_argument("--datalist_json_path", required=True, help="folder holding site-N.json and site-All.json")
+    p.add_argument("--centralised", action="store_true", help="train on site-All.json (the 1-client baseline)")
+    p.add_argument("--aggregation_epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--fedproxloss_mu", type=float, default=0.0, help="FedProx weight; 0 disables the term")
+    p.add_argument("--cache_dataset", type=float, default=0.0, help="fraction of training cases cached in memory")
+    p.add_argument("--roi_size", type=int, nargs=3, default=[224, 224, 144])
+    p.add_argument("--infer_roi_size", type=int, nargs=3, default=[240, 240, 160])
+    p.add_argument("--init_filters", type=int, default=16)
+    p.add_argument("--no_amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--torch_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def site_datalist_path(args: argparse.Namespace, site_name: str) -> Path:
+    name = "site-All" if args.centralised else site_name
+    return Path(args.datalist_json_path) / f"{name}.json"
+
+
+def build_loaders(args: argparse.Namespace, datalist_path: Path):
+    datalist = bp.read_datalist(datalist_path)
+    et_label = bp.datalist_et_label(datalist)
+    train_entries = bp.resolve_entries(datalist["training"], args.dataset_base_dir)
+    val_entries = bp.resolve_entries(datalist["validation"], args.dataset_base_dir)
+    train_ds = bp.make_dataset(train_entries, bp.train_transforms(args.roi_size, et_label), args.cache_dataset)
+    val_ds = bp.make_dataset(val_entries, bp.val_transforms(et_label), args.cache_dataset)
+    return bp.make_loader(train_ds, shuffle=True, num_workers=args.num_workers), bp.make_loader(
+        val_ds, shuffle=False, num_workers=args.num_workers
+    )
+
+
+def train_one_round(model, global_model, loader, optimizer, loss_fn, fedprox, epochs, device, scaler) -> tuple[int, float]:
+    """Local training; returns (number of optimiser steps, mean loss)."""
+    model.train()
+    steps, loss_sum = 0, 0.0
+    for _ in range(epochs):
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
+                loss = loss_fn(model(image), label)
+                if fedprox is not None:
+                    loss = loss + fedprox(model, global_model)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
+            loss_sum += float(loss.detach())
+    return steps, loss_sum / max(steps, 1)
+
+
+def log_round(writer: SummaryWriter, round_num: int, metrics: dict[str, float], train_loss: float, steps: int) -> None:
+    """TensorBoard scalars, one point per round (global step = FL round)."""
+    for key, value in metrics.items():
+        if not math.isnan(value):
+            writer.add_scalar(key, value, global_step=round_num)
+    writer.add_scalar("train_loss", train_loss, global_step=round_num)
+    writer.add_scalar("train_steps", steps, global_step=round_num)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+
+    flare.init()
+    site_name = flare.get_site_name()
+    seed_everything(args.seed + sum(site_name.encode()))
+    device = bp.select_device()
+    use_amp = device.type == "cuda" and not args.no_amp
+
+    train_loader, val_loader = build_loaders(args, site_datalist_path(args, site_name))
+    model = BratsSegResNet(init_filters=args.init_filters).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
+    loss_fn = bp.make_loss()
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    fedprox = None
+    if args.fedproxloss_mu > 0:
+        from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+        fedprox = PTFedProxLoss(mu=args.fedproxloss_mu)
+    writer = SummaryWriter()
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        round_num = input_model.current_round
+        model.load_state_dict(input_model.params)
+        metrics = bp.evaluate_dice(model, val_loader, device, args.infer_roi_size, use_amp=use_amp)
+        global_model = copy.deepcopy(model).eval() if fedprox is not None else None
+        if global_model is not None:
+            for p in global_model.parameters():
+                p.requires_grad_(False)
+
+        steps, train_loss = train_one_round(
+            model, global_model, train_loader, optimizer, loss_fn, fedprox, args.aggregation_epochs, device, scaler
+        )
+        log_round(writer, round_num, metrics, train_loss, steps)
+        print(f"[{site_name}] round {round_num}: global model val_dice {metrics['val_dice']:.4f}, "
+              f"{steps} local steps, train loss {train_loss:.4f}", flush=True)
+
+        flare.send(
+            flare.FLModel(
+                params={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                metrics={k: v for k, v in metrics.items() if not math.isnan(v)},
+                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

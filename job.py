@@ -1,0 +1,304 @@
+"""Federated BraTS 2018 brain-tumour segmentation (Li et al., MLMI 2019) on NVIDIA FLARE's Job Recipe API.
+
+    python job.py                                   # demo: synthetic data, 4 clients, a few minutes on a CPU
+    python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 1    # centralised
+    python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 4    # federated
+    python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 4 --enable_dp
+
+Builds a FedAvg recipe around BratsSegResNet (clients send weight differences, the server keeps the global model
+with the best validation Dice), runs it in the NVFlare simulator and prints a summary of what it produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent
+SHIPPED_DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"
+KEY_METRIC = "val_dice"
+EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 1
+
+# Paper-sized defaults, and the demo's (used only when no dataset is given and the flag is not set explicitly).
+DEFAULTS = {
+    "n_clients": 4,
+    "num_rounds": 600,
+    "aggregation_epochs": 1,
+    "learning_rate": 1e-4,
+    "roi_size": [224, 224, 144],
+    "infer_roi_size": [240, 240, 160],
+}
+DEMO_DEFAULTS = {
+    "num_rounds": 8,
+    "learning_rate": 1e-3,
+    "roi_size": [48, 48, 32],
+    "infer_roi_size": [64, 64, 48],
+}
+DEMO_SHAPE = (64, 64, 48)
+DEMO_TRAIN_CASES = 32  # dealt round-robin to the sites
+DEMO_VALIDATION_CASES = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags marked 'demo: X' take X in the built-in demo (no --dataset_base_dir) unless given explicitly. "
+        "NVFlare's own --export [--export-dir DIR] writes the job folder instead of running it.",
+    )
+    fl = p.add_argument_group("federation")
+    fl.add_argument("--n_clients", type=int, help="number of sites; 1 = centralised baseline on site-All.json (default: 4)")
+    fl.add_argument("--num_rounds", type=int, help="FL rounds, >= 2: round 0's metric is never a best model (default: 600; demo: 8)")
+    fl.add_argument("--aggregation_epochs", type=int, help="local epochs per round (default: 1)")
+    fl.add_argument("--job_name", help="job folder name (default: brats18_<n_clients>, with _dp appended when DP is on)")
+    fl.add_argument("--workspace", default="/tmp/nvflare/simulation",
+                    help="simulator workspace root; the job runs in <workspace>/<job_name>, which is wiped at start "
+                         "(default: /tmp/nvflare/simulation)")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--learning_rate", type=float, help="Adam learning rate (default: 1e-4; demo: 1e-3)")
+    tr.add_argument("--fedproxloss_mu", type=float, default=0.0, help="FedProx proximal weight; 0 = off (default: 0)")
+    tr.add_argument("--cache_dataset", type=float, default=0.0,
+                    help="fraction of each site's cases cached in memory after loading, in [0, 1] (default: 0)")
+    tr.add_argument("--roi_size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                    help="random training crop, multiples of 8 (default: 224 224 144; demo: 48 48 32)")
+    tr.add_argument("--infer_roi_size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                    help="sliding-window size for validation, multiples of 8 (default: 240 240 160; demo: 64 64 48)")
+    tr.add_argument("--init_filters", type=int, default=16, help="SegResNet base width (default: 16)")
+    tr.add_argument("--no_amp", action="store_true", help="turn mixed precision off on CUDA (on by default there)")
+    tr.add_argument("--seed", type=int, default=0, help="base random seed of the clients (default: 0)")
+
+    data = p.add_argument_group("data (leave both out to run the synthetic demo)")
+    data.add_argument("--dataset_base_dir", help="folder holding the BraTS training/ tree that datalist paths are relative to")
+    data.add_argument("--datalist_json_path",
+                      help="folder with site-1.json ... site-N.json and site-All.json "
+                           f"(default with --dataset_base_dir: the paper's split in {SHIPPED_DATALIST_DIR.relative_to(REPO_DIR)})")
+
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--gpu", help="GPU ids, e.g. '0' or '0,1,2,3': clients are placed on them round-robin (default: none, "
+                                  "CPU unless CUDA is visible)")
+    hw.add_argument("--threads", type=int,
+                    help="clients running at once, 1..n_clients; '--gpu 0 --threads 4' puts 4 clients on one GPU "
+                         "(default: n_clients)")
+
+    dp = p.add_argument_group("differential privacy (NVFlare SVTPrivacy on every client's outgoing update)")
+    dp.add_argument("--enable_dp", action="store_true", help="attach the SVT filter to each client's train result")
+    dp.add_argument("--dp_fraction", type=float, default=0.9, help="fraction of the update's values released, in (0, 1] (default: 0.9)")
+    dp.add_argument("--dp_epsilon", type=float, default=0.001, help="SVT threshold+query budget, > 0 (default: 0.001)")
+    dp.add_argument("--dp_noise_var", type=float, default=1.0, help="SVT release-noise control, > 0 (default: 1.0)")
+    dp.add_argument("--dp_gamma", type=float, default=1e-4, help="clipping bound of each value, > 0 (default: 1e-4)")
+
+    p.add_argument("--export", action="store_true", help="(NVFlare) export the job folder instead of running it")
+    p.add_argument("--export-dir", dest="export_dir", help="(NVFlare) where --export writes the job (default: ./fl_job)")
+    return p
+
+
+class InputError(ValueError):
+    """A user error found before anything runs; reported as one line, exit code 2."""
+
+
+@dataclass
+class JobInputs:
+    args: argparse.Namespace
+    demo: bool
+    dataset_base_dir: Path
+    datalist_dir: Path
+
+
+def apply_defaults(args: argparse.Namespace) -> bool:
+    """Fill unset flags with the paper's defaults, or the demo's when no dataset is given; returns demo or not."""
+    demo = args.dataset_base_dir is None and args.datalist_json_path is None
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, DEMO_DEFAULTS.get(key, value) if demo else value)
+    if args.threads is None:
+        args.threads = args.n_clients
+    if args.job_name is None:
+        args.job_name = f"brats18_{args.n_clients}" + ("_dp" if args.enable_dp else "")
+    return demo
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag value the job cannot run with, reported before anything is written."""
+    from brats_pipeline import check_roi_size
+
+    if args.n_clients < 1:
+        raise InputError(f"--n_clients {args.n_clients}: need at least 1 client")
+    if args.num_rounds < 2:
+        raise InputError(f"--num_rounds {args.num_rounds}: need >= 2 (round 0 validates the initial model, so a "
+                         "1-round job never writes a best model)")
+    if args.aggregation_epochs < 1:
+        raise InputError(f"--aggregation_epochs {args.aggregation_epochs}: need >= 1")
+    if not args.learning_rate > 0:
+        raise InputError(f"--learning_rate {args.learning_rate}: need > 0")
+    if args.fedproxloss_mu < 0:
+        raise InputError(f"--fedproxloss_mu {args.fedproxloss_mu}: need >= 0 (0 turns FedProx off)")
+    if not 0.0 <= args.cache_dataset <= 1.0:
+        raise InputError(f"--cache_dataset {args.cache_dataset}: need a fraction in [0, 1]")
+    if args.init_filters < 8 or args.init_filters % 8:
+        raise InputError(f"--init_filters {args.init_filters}: need a positive multiple of 8 (GroupNorm uses 8 groups)")
+    for flag in ("roi_size", "infer_roi_size"):
+        try:
+            check_roi_size(getattr(args, flag), f"--{flag}")
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if not 1 <= args.threads <= args.n_clients:
+        raise InputError(f"--threads {args.threads}: need 1 <= threads <= --n_clients ({args.n_clients})")
+    if args.gpu is not None:
+        ids = args.gpu.split(",")
+        if not all(i.strip().isdigit() for i in ids):
+            raise InputError(f"--gpu {args.gpu!r}: need comma-separated integer GPU ids, e.g. 0 or 0,1,2,3")
+        if len(ids) > args.n_clients:
+            raise InputError(f"--gpu {args.gpu}: more GPUs ({len(ids)}) than clients ({args.n_clients})")
+    if args.enable_dp:
+        if not 0.0 < args.dp_fraction <= 1.0:
+            raise InputError(f"--dp_fraction {args.dp_fraction}: need a fraction in (0, 1]")
+        for flag in ("dp_epsilon", "dp_noise_var", "dp_gamma"):
+            if not getattr(args, flag) > 0:
+                raise InputError(f"--{flag} {getattr(args, flag)}: need > 0")
+    if args.job_name in ("", ".", "..") or "/" in args.job_name:
+        raise InputError(f"--job_name {args.job_name!r}: need a plain folder name")
+
+
+def resolve_data(args: argparse.Namespace, demo: bool) -> tuple[Path, Path]:
+    """Dataset and datalist folders; makes the synthetic demo dataset when none is given."""
+    from dataset_brats18.datalist import DatalistError, check_job_datalists, site_datalist_names
+
+    if demo:
+        from dataset_brats18.synthetic import generate_dataset, write_federated_datalists
+
+        data_dir = Path(args.workspace) / "synthetic_brats18"
+        cases = generate_dataset(data_dir, DEMO_TRAIN_CASES + DEMO_VALIDATION_CASES, DEMO_SHAPE)
+        datalist_dir = write_federated_datalists(
+            cases, data_dir / f"datalist_{args.n_clients}_sites", max(args.n_clients, 1), DEMO_VALIDATION_CASES
+        )
+        print(f"No dataset given: running the synthetic demo ({len(cases)} BraTS-like cases of "
+              f"{'x'.join(map(str, DEMO_SHAPE))} voxels in {data_dir}, datalists in {datalist_dir}).", flush=True)
+        return data_dir, datalist_dir
+    if args.dataset_base_dir is None:
+        raise InputError("--datalist_json_path needs --dataset_base_dir (the folder its paths are relative to)")
+    datalist_dir = Path(args.datalist_json_path) if args.datalist_json_path else SHIPPED_DATALIST_DIR
+    try:
+        check_job_datalists(datalist_dir, args.dataset_base_dir, site_datalist_names(args.n_clients))
+    except DatalistError as e:
+        raise InputError(str(e)) from None
+    return Path(args.dataset_base_dir), datalist_dir
+
+
+def client_arguments(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path) -> str:
+    """Command line handed to client.py at every site."""
+    torch_threads = max(1, (os.cpu_count() or 1) // args.threads)
+    parts = [
+        f"--dataset_base_dir {dataset_dir.resolve()}",
+        f"--datalist_json_path {datalist_dir.resolve()}",
+        f"--aggregation_epochs {args.aggregation_epochs}",
+        f"--learning_rate {args.learning_rate}",
+        f"--fedproxloss_mu {args.fedproxloss_mu}",
+        f"--cache_dataset {args.cache_dataset}",
+        f"--roi_size {' '.join(map(str, args.roi_size))}",
+        f"--infer_roi_size {' '.join(map(str, args.infer_roi_size))}",
+        f"--init_filters {args.init_filters}",
+        f"--torch_threads {torch_threads}",
+        f"--seed {args.seed}",
+    ]
+    if args.n_clients == 1:
+        parts.append("--centralised")
+    if args.no_amp:
+        parts.append("--no_amp")
+    return " ".join(parts)
+
+
+def build_recipe(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path):
+    """The FedAvg job: weight differences from the clients, best model kept by val_dice, TensorBoard on."""
+    from nvflare.apis.dxo import DataKind
+    from nvflare.app_common.filters.svt_privacy import SVTPrivacy
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.client.config import TransferType
+    from nvflare.recipe.utils import add_experiment_tracking
+
+    from model import BratsSegResNet
+
+    recipe = FedAvgRecipe(
+        name=args.job_name,
+        model=BratsSegResNet(init_filters=args.init_filters),
+        min_clients=args.n_clients,
+        num_rounds=args.num_rounds,
+        train_script=str(REPO_DIR / "client.py"),
+        train_args=client_arguments(args, dataset_dir, datalist_dir),
+        params_transfer_type=TransferType.DIFF,
+        key_metric=KEY_METRIC,
+    )
+    for module in ("brats_pipeline.py", "model.py"):
+        recipe.add_client_file(str(REPO_DIR / module))
+    add_experiment_tracking(recipe, "tensorboard")
+    if args.enable_dp:
+        svt = SVTPrivacy(
+            fraction=args.dp_fraction,
+            epsilon=args.dp_epsilon,
+            noise_var=args.dp_noise_var,
+            gamma=args.dp_gamma,
+            data_kinds=[DataKind.WEIGHT_DIFF],  # the update, never full weights
+        )
+        recipe.add_client_output_filter(svt, tasks=["train"])
+    return recipe
+
+
+def run(args: argparse.Namespace, recipe) -> None:
+    """Run in the simulator, or only write the job folder with --export."""
+    from nvflare.recipe import SimEnv
+
+    env = SimEnv(
+        num_clients=args.n_clients,
+        num_threads=args.threads,
+        gpu_config=args.gpu,
+        workspace_root=str(Path(args.workspace).resolve()),
+    )
+    if args.export:
+        export_dir = args.export_dir or "./fl_job"
+        recipe.export(job_dir=export_dir, env=env)
+        print(f"Job {args.job_name} exported to {Path(export_dir).resolve()}")
+        return
+    recipe.run(env)
+
+
+def prepare(argv: list[str] | None = None) -> JobInputs:
+    """Parse and check everything; raises InputError before any file is written (demo data aside)."""
+    args = build_parser().parse_args(argv)
+    demo = apply_defaults(args)
+    check_flags(args)
+    dataset_dir, datalist_dir = resolve_data(args, demo)
+    return JobInputs(args, demo, dataset_dir, datalist_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from result_stat.job_results import JobResultError, summarize_job
+
+    try:
+        inputs = prepare(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    args = inputs.args
+    recipe = build_recipe(args, inputs.dataset_base_dir, inputs.datalist_dir)
+    try:
+        run(args, recipe)
+    except Exception as e:  # the simulator raises when an in-process client fails
+        print(f"error: job {args.job_name} failed: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    if args.export:
+        return 0
+    try:
+        summary = summarize_job(Path(args.workspace).resolve(), args.job_name, args.num_rounds, args.n_clients)
+    except JobResultError as e:
+        print(f"error: job {args.job_name} did not finish properly: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    print(summary.render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What a finished simulator job left behind, read back and checked.
+
+NVFlare 2.9 writes, under ``<workspace>/<job>/server/simulate_job/``: ``metrics/round_metrics.jsonl`` (per round, the
+weighted mean of the metrics the clients sent and each site's own values), ``metrics/metrics_summary.json`` (the
+best round chosen by the model selector), ``app_server/best_FL_global_model.pt`` and ``tb_events/site-N/``.
+A job counts as successful only if every round has a result from every site and a best model exists: the simulator
+can return normally after a client process died.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BEST_MODEL_FILE = "best_FL_global_model.pt"
+REGION_METRICS = ("val_dice_tc", "val_dice_wt", "val_dice_et")
+
+
+class JobResultError(RuntimeError):
+    """The job's outputs are missing or incomplete; the message says what and where to look."""
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    workspace_root: Path
+    job_name: str
+
+    @property
+    def job_dir(self) -> Path:
+        return self.workspace_root / self.job_name
+
+    @property
+    def server_job_dir(self) -> Path:
+        return self.job_dir / "server" / "simulate_job"
+
+    @property
+    def best_model(self) -> Path:
+        return self.server_job_dir / "app_server" / BEST_MODEL_FILE
+
+    @property
+    def tb_events(self) -> Path:
+        return self.server_job_dir / "tb_events"
+
+    @property
+    def round_metrics(self) -> Path:
+        return self.server_job_dir / "metrics" / "round_metrics.jsonl"
+
+    @property
+    def metrics_summary(self) -> Path:
+        return self.server_job_dir / "metrics" / "metrics_summary.json"
+
+    @property
+    def server_log(self) -> Path:
+        return self.job_dir / "server" / "log.txt"
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    metrics: dict[str, float]  # weighted over sites, as the server aggregated them
+    sites: dict[str, dict[str, float]]
+
+
+@dataclass
+class JobSummary:
+    paths: JobPaths
+    rounds: list[RoundMetrics]
+    best_round: int
+    best_metrics: dict[str, float]
+    extra_lines: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        m = self.best_metrics
+        parts = ", ".join(f"{k.removeprefix('val_dice_').upper()} {m[k]:.4f}" for k in REGION_METRICS if k in m)
+        lines = [
+            f"Job {self.paths.job_name} finished: {len(self.rounds)} rounds, workspace {self.paths.job_dir}",
+            f"  best global val_dice {m['val_dice']:.4f} at round {self.best_round} ({parts})",
+            f"  best model: {self.paths.best_model}",
+            *self.extra_lines,
+            f"  curves: tensorboard --logdir {self.paths.tb_events}",
+        ]
+        return "\n".join(lines)
+
+
+def read_round_metrics(path: Path) -> list[RoundMetrics]:
+    """Parse round_metrics.jsonl into one RoundMetrics per round, in round order."""
+    rounds = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        rounds.append(
+            RoundMetrics(
+                round=int(record["round"]),
+                metrics={m["name"]: float(m["value"]) for m in record.get("aggregated_metrics", [])},
+                sites={s["name"]: {m["name"]: float(m["value"]) for m in s.get("metrics", [])} for s in record.get("sites", [])},
+            )
+        )
+    return sorted(rounds, key=lambda r: r.round)
+
+
+def best_round_of(rounds: list[RoundMetrics], key: str = "val_dice") -> int:
+    """Round whose aggregated key metric is highest, skipping round 0 (the untrained model) as NVFlare does.
+
+    Ties go to the earliest round, matching the selector's strict '>' comparison.
+    """
+    best, best_value = -1, -math.inf
+    for r in rounds:
+        value = r.metrics.get(key, math.nan)
+        if r.round > 0 and not math.isnan(value) and value > best_value:
+            best, best_value = r.round, value
+    return best
+
+
+def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, n_clients: int) -> JobSummary:
+    """Check a finished job and gather its headline figures; JobResultError if anything is missing."""
+    paths = JobPaths(Path(workspace_root), job_name)
+    if not paths.round_metrics.is_file():
+        raise JobResultError(f"no round metrics at {paths.round_metrics}; see {paths.server_log} and site-*/log.txt")
+    rounds = read_round_metrics(paths.round_metrics)
+    sites = {f"site-{i}" for i in range(1, n_clients + 1)}
+    for r in rounds:
+        if set(r.sites) != sites:
+            lacking = sorted(sites - set(r.sites))
+            raise JobResultError(
+                f"round {r.round} lacks results from {', '.join(lacking)}; see {paths.job_dir}/<site>/log.txt"
+            )
+    if len(rounds) != expected_rounds:
+        raise JobResultError(
+            f"{len(rounds)} of {expected_rounds} rounds reported metrics; see {paths.server_log}"
+        )
+    if not paths.best_model.is_file():
+        raise JobResultError(f"no best model at {paths.best_model}: no round after round 0 reported a finite val_dice")
+    best = best_round_of(rounds)
+    if paths.metrics_summary.is_file():
+        reported = json.loads(paths.metrics_summary.read_text()).get("best_round")
+        if reported is not None and int(reported) != best:
+            raise JobResultError(
+                f"NVFlare reports best round {reported} but the round metrics peak at round {best}"
+            )
+    best_metrics = next(r.metrics for r in rounds if r.round == best)
+    return JobSummary(paths=paths, rounds=rounds, best_round=best, best_metrics=best_metrics)
