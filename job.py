@@ -17,6 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# Importing nvflare.recipe strips NVFlare's own --export / --export-dir flags from sys.argv (recipe.execute honours
+# them), so it must happen before our parser runs.
+import nvflare.recipe  # noqa: F401,E402
+
 REPO_DIR = Path(__file__).resolve().parent
 SHIPPED_DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"
 KEY_METRIC = "val_dice"
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Flags marked 'demo: X' take X in the built-in demo (no --dataset_base_dir) unless given explicitly. "
-        "NVFlare's own --export [--export-dir DIR] writes the job folder instead of running it.",
+        "NVFlare's own flags also work: --export [--export-dir DIR] writes the job folder (default ./fl_job) "
+        "instead of running it.",
     )
     fl = p.add_argument_group("federation")
     fl.add_argument("--n_clients", type=int, help="number of sites; 1 = centralised baseline on site-All.json (default: 4)")
@@ -92,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dp_noise_var", type=float, default=1.0, help="SVT release-noise control, > 0 (default: 1.0)")
     dp.add_argument("--dp_gamma", type=float, default=1e-4, help="clipping bound of each value, > 0 (default: 1e-4)")
 
-    p.add_argument("--export", action="store_true", help="(NVFlare) export the job folder instead of running it")
-    p.add_argument("--export-dir", dest="export_dir", help="(NVFlare) where --export writes the job (default: ./fl_job)")
     return p
 
 
@@ -214,14 +217,15 @@ def client_arguments(args: argparse.Namespace, dataset_dir: Path, datalist_dir: 
 
 def build_recipe(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path):
     """The FedAvg job: weight differences from the clients, best model kept by val_dice, TensorBoard on."""
-    from nvflare.apis.dxo import DataKind
-    from nvflare.app_common.filters.svt_privacy import SVTPrivacy
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.client.config import TransferType
     from nvflare.recipe.utils import add_experiment_tracking
 
+    import torch
+
     from model import BratsSegResNet
 
+    torch.manual_seed(args.seed)  # the server's initial weights
     recipe = FedAvgRecipe(
         name=args.job_name,
         model=BratsSegResNet(init_filters=args.init_filters),
@@ -236,19 +240,27 @@ def build_recipe(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path
         recipe.add_client_file(str(REPO_DIR / module))
     add_experiment_tracking(recipe, "tensorboard")
     if args.enable_dp:
-        svt = SVTPrivacy(
-            fraction=args.dp_fraction,
-            epsilon=args.dp_epsilon,
-            noise_var=args.dp_noise_var,
-            gamma=args.dp_gamma,
-            data_kinds=[DataKind.WEIGHT_DIFF],  # the update, never full weights
-        )
-        recipe.add_client_output_filter(svt, tasks=["train"])
+        add_svt_filter(recipe, args)
     return recipe
 
 
+def add_svt_filter(recipe, args: argparse.Namespace) -> None:
+    """NVFlare's sparse-vector-technique filter on every client's outgoing train result (the weight difference)."""
+    from nvflare.apis.dxo import DataKind
+    from nvflare.app_common.filters.svt_privacy import SVTPrivacy
+
+    svt = SVTPrivacy(
+        fraction=args.dp_fraction,
+        epsilon=args.dp_epsilon,
+        noise_var=args.dp_noise_var,
+        gamma=args.dp_gamma,
+        data_kinds=[DataKind.WEIGHT_DIFF],  # the update only: never perturb (or leak through) full weights
+    )
+    recipe.add_client_output_filter(svt, tasks=["train"])
+
+
 def run(args: argparse.Namespace, recipe) -> None:
-    """Run in the simulator, or only write the job folder with --export."""
+    """Run in the simulator (the simulator raises if an in-process client fails)."""
     from nvflare.recipe import SimEnv
 
     env = SimEnv(
@@ -257,12 +269,7 @@ def run(args: argparse.Namespace, recipe) -> None:
         gpu_config=args.gpu,
         workspace_root=str(Path(args.workspace).resolve()),
     )
-    if args.export:
-        export_dir = args.export_dir or "./fl_job"
-        recipe.export(job_dir=export_dir, env=env)
-        print(f"Job {args.job_name} exported to {Path(export_dir).resolve()}")
-        return
-    recipe.run(env)
+    recipe.execute(env)  # with NVFlare's --export flag this writes the job folder and exits instead
 
 
 def prepare(argv: list[str] | None = None) -> JobInputs:
@@ -289,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the simulator raises when an in-process client fails
         print(f"error: job {args.job_name} failed: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
-    if args.export:
-        return 0
     try:
         summary = summarize_job(Path(args.workspace).resolve(), args.job_name, args.num_rounds, args.n_clients)
     except JobResultError as e:
