@@ -37,8 +37,8 @@ DEFAULTS = {
     "infer_roi_size": [240, 240, 160],
 }
 DEMO_DEFAULTS = {
-    "num_rounds": 8,
-    "learning_rate": 1e-3,
+    "num_rounds": 10,
+    "learning_rate": 2e-3,
     "roi_size": [48, 48, 32],
     "infer_roi_size": [64, 64, 48],
 }
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fl = p.add_argument_group("federation")
     fl.add_argument("--n_clients", type=int, help="number of sites; 1 = centralised baseline on site-All.json (default: 4)")
-    fl.add_argument("--num_rounds", type=int, help="FL rounds, >= 2: round 0's metric is never a best model (default: 600; demo: 8)")
+    fl.add_argument("--num_rounds", type=int, help="FL rounds, >= 2: round 0's metric is never a best model (default: 600; demo: 10)")
     fl.add_argument("--aggregation_epochs", type=int, help="local epochs per round (default: 1)")
     fl.add_argument("--job_name", help="job folder name (default: brats18_<n_clients>, with _dp appended when DP is on)")
     fl.add_argument("--workspace", default="/tmp/nvflare/simulation",
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: /tmp/nvflare/simulation)")
 
     tr = p.add_argument_group("training")
-    tr.add_argument("--learning_rate", type=float, help="Adam learning rate (default: 1e-4; demo: 1e-3)")
+    tr.add_argument("--learning_rate", type=float, help="Adam learning rate (default: 1e-4; demo: 2e-3)")
     tr.add_argument("--fedproxloss_mu", type=float, default=0.0, help="FedProx proximal weight; 0 = off (default: 0)")
     tr.add_argument("--cache_dataset", type=float, default=0.0,
                     help="fraction of each site's cases cached in memory after loading, in [0, 1] (default: 0)")

@@ -31,7 +31,7 @@ TISSUE_MEANS = {
     "t2": (0.0, 500.0, 1100.0, 1350.0, 880.0),
     "flair": (0.0, 420.0, 1050.0, 620.0, 800.0),
 }
-NOISE_SD = 45.0
+NOISE_SD = 35.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def make_case_arrays(
 
     # Irregular tumour: an ellipsoid whose distance is warped by a smooth field.
     centre = dims / 2.0 + rng.uniform(-0.15, 0.15, size=3) * dims
-    wt_radii = dims * rng.uniform(0.16, 0.24, size=3)
+    wt_radii = dims * rng.uniform(0.18, 0.27, size=3)
     warp = 1.0 + 0.18 * _smooth_field(rng, shape)
     dist = _ellipsoid_distance(shape, centre, wt_radii) * warp
     core_ratio = rng.uniform(0.50, 0.65)
@@ -148,7 +148,7 @@ def generate_dataset(
     If the folder already holds a dataset made with the same parameters (same manifest), it is reused as is.
     """
     out_dir = Path(out_dir)
-    settings = {"n_cases": n_cases, "shape": list(shape), "seed": seed, "generator_version": 1}
+    settings = {"n_cases": n_cases, "shape": list(shape), "seed": seed, "generator_version": 2}
     manifest_path = out_dir / "synthetic_manifest.json"
     cases = [planned_case(out_dir, i) for i in range(n_cases)]
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("settings") == settings:
