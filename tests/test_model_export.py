@@ -1,0 +1,56 @@
+"""The exported job must rebuild, on the server, exactly the model the clients train."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import job
+from model import BratsSegResNet, count_parameters
+
+PAPER_PARAMETER_COUNT = 4_702_227
+
+
+def export_job(tmp_path: Path, *flags: str) -> Path:
+    args = job.build_parser().parse_args(["--workspace", str(tmp_path / "ws"), *flags])
+    job.apply_defaults(args)
+    recipe = job.build_recipe(args, tmp_path / "data", tmp_path / "datalist")
+    recipe.export(job_dir=str(tmp_path / "exported"))
+    return tmp_path / "exported" / args.job_name / "app"
+
+
+def rebuild_server_model(app_dir: Path) -> torch.nn.Module:
+    """Instantiate the persistor's model from the exported config and custom code, as the server would."""
+    config = json.loads((app_dir / "config" / "config_fed_server.json").read_text())
+    persistor = next(c for c in config["components"] if c["id"] == "persistor")
+    module_name, class_name = persistor["args"]["model"]["path"].rsplit(".", 1)
+    spec = importlib.util.spec_from_file_location(f"exported_{module_name}", app_dir / "custom" / f"{module_name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, class_name)(**persistor["args"]["model"]["args"])
+
+
+def test_default_model_has_the_papers_parameter_count():
+    assert count_parameters(BratsSegResNet()) == PAPER_PARAMETER_COUNT
+
+
+@pytest.mark.parametrize("init_filters", [16, 8])
+def test_exported_job_rebuilds_a_3_output_model_of_the_same_size(tmp_path, init_filters):
+    app_dir = export_job(tmp_path, "--init_filters", str(init_filters))
+    server_model = rebuild_server_model(app_dir)
+    client_model = BratsSegResNet(init_filters=init_filters)
+    assert count_parameters(server_model) == count_parameters(client_model)
+    if init_filters == 16:
+        assert count_parameters(server_model) == PAPER_PARAMETER_COUNT
+    assert server_model.state_dict().keys() == client_model.state_dict().keys()
+    with torch.no_grad():
+        assert tuple(server_model.eval()(torch.zeros(1, 4, 16, 16, 16)).shape) == (1, 3, 16, 16, 16)
+
+
+def test_exported_client_app_carries_the_shared_pipeline(tmp_path):
+    custom = {p.name for p in (export_job(tmp_path) / "custom").iterdir()}
+    assert {"client.py", "brats_pipeline.py", "model.py"} <= custom
