@@ -65,7 +65,7 @@ def labels_to_regions(label: np.ndarray | torch.Tensor, et_label: int = ET_LABEL
     is_tensor = isinstance(label, torch.Tensor)
     values = torch.unique(label).tolist() if is_tensor else np.unique(label).tolist()
     allowed = {0, NECROSIS_LABEL, EDEMA_LABEL, et_label}
-    unexpected = sorted(v for v in values if v not in allowed)
+    unexpected = sorted(int(v) if float(v).is_integer() else v for v in values if v not in allowed)
     if unexpected:
         raise ValueError(
             f"label values {unexpected} are not in the expected set {sorted(allowed)} (et_label={et_label}); "
@@ -112,7 +112,12 @@ class ConvertToBratsRegionsd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = _with_same_meta(d[key], labels_to_regions(d[key], self.et_label))
+            try:
+                regions = labels_to_regions(d[key], self.et_label)
+            except ValueError as e:
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{source}: {e}") from None
+            d[key] = _with_same_meta(d[key], regions)
         return d
 
 

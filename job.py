@@ -282,7 +282,7 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from result_stat.job_results import JobResultError, summarize_job
+    from result_stat.job_results import JobResultError, first_client_error, summarize_job
 
     try:
         inputs = prepare(argv)
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args, recipe)
     except Exception as e:  # the simulator raises when an in-process client fails
-        print(f"error: job {args.job_name} failed: {e}", file=sys.stderr)
+        cause = first_client_error(Path(args.workspace).resolve(), args.job_name)
+        print(f"error: job {args.job_name} failed: {cause or e}", file=sys.stderr)
         return EXIT_JOB_FAILED
     try:
         summary = summarize_job(Path(args.workspace).resolve(), args.job_name, args.num_rounds, args.n_clients)

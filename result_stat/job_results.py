@@ -142,3 +142,14 @@ def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, n_c
             )
     best_metrics = next(r.metrics for r in rounds if r.round == best)
     return JobSummary(paths=paths, rounds=rounds, best_round=best, best_metrics=best_metrics)
+
+
+def first_client_error(workspace_root: Path, job_name: str) -> str | None:
+    """The first exception line a site logged (e.g. 'site-2: ValueError: ...'), to say why a job failed."""
+    job_dir = JobPaths(Path(workspace_root), job_name).job_dir
+    for log in sorted(job_dir.glob("site-*/error_log.txt")):
+        for line in log.read_text(errors="replace").splitlines():
+            head = line.split(":", 1)[0]
+            if head.isidentifier() and head.endswith(("Error", "Exception")):
+                return f"{log.parent.name}: {line.strip()}"
+    return None

@@ -104,3 +104,27 @@ def test_centralised_single_client_from_the_command_line(tiny_federation, tmp_pa
     # the single client trained on site-All.json: 8 cases = 8 steps per round
     scalars = read_site_scalars(paths.tb_events)
     assert [v for _, v in scalars["site-1"]["train_steps"]] == [8.0, 8.0]
+
+
+def test_a_crashing_client_fails_the_job(tiny_federation, tmp_path, capsys):
+    """A case that passes the cheap checks but breaks training (label 3 in a BraTS 2018-style case) must make
+    job.py exit non-zero with a message, not print a success summary."""
+    import shutil
+
+    import nibabel as nib
+
+    data_dir, datalist_dir = tiny_federation
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    first = json.loads((datalist_dir / "site-2.json").read_text())["training"][0]["label"]
+    seg = nib.load(broken / first)
+    label = np.asarray(seg.dataobj).copy()
+    label[label == 4] = 3
+    nib.save(nib.Nifti1Image(label, seg.affine), broken / first)
+    argv = tiny_args(broken, broken / "datalist", tmp_path / "ws", "--n_clients", "2")
+    code = job.main(argv)
+    out, err = capsys.readouterr()
+    assert code == job.EXIT_JOB_FAILED
+    assert "error: job brats18_2 failed: site-2: ValueError:" in err
+    assert Path(first).name in err and "label values [3]" in err  # names the file and the offending value
+    assert "finished:" not in out
