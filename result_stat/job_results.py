@@ -145,11 +145,17 @@ def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, n_c
 
 
 def first_client_error(workspace_root: Path, job_name: str) -> str | None:
-    """The first exception line a site logged (e.g. 'site-2: ValueError: ...'), to say why a job failed."""
+    """The exception that made a site fail (e.g. 'site-2: ValueError: ...'), to say why a job failed.
+
+    Sites that were only aborted because another site failed log 'request to abort' errors; those are reported only
+    when nothing else was logged.
+    """
     job_dir = JobPaths(Path(workspace_root), job_name).job_dir
+    found = []
     for log in sorted(job_dir.glob("site-*/error_log.txt")):
         for line in log.read_text(errors="replace").splitlines():
             head = line.split(":", 1)[0]
             if head.isidentifier() and head.endswith(("Error", "Exception")):
-                return f"{log.parent.name}: {line.strip()}"
-    return None
+                found.append(f"{log.parent.name}: {line.strip()}")
+    root_causes = [f for f in found if "abort" not in f and "RuntimeError: applying transform" not in f]
+    return (root_causes or found or [None])[0]
