@@ -218,27 +218,28 @@ def drop_incomplete(cases: Sequence[ScannedCase], skip: bool, base: Path) -> lis
 def plan_paper(args: argparse.Namespace, cases: Mapping[str, CaseInfo], scanned: bool) -> Plan:
     """The CSV's split; cases not on disk are reported per split and left out, cases not in the CSV reported."""
     rows = read_split_csv(args.split_csv)
+    csv_name = shown(args.split_csv)
     split = paper_split(rows, set(cases) if scanned else None)
     if args.n_sites is not None and args.n_sites != len(split.sites):
-        raise BuildError(f"--n_sites {args.n_sites}: {args.split_csv} defines {len(split.sites)} sites")
+        raise BuildError(f"--n_sites {args.n_sites}: {csv_name} defines {len(split.sites)} sites")
     if split.missing:
         n_missing = sum(len(v) for v in split.missing.values())
         per_split = ", ".join(f"{name} {len(ids)}/{split.total[name]}" for name, ids in sorted(split.missing.items()))
         every = [cid for ids in split.missing.values() for cid in ids]
-        warn(f"{n_missing} of the {len(rows)} cases of {args.split_csv} are not under {args.dataset_base_dir} and "
+        warn(f"{n_missing} of the {len(rows)} cases of {csv_name} are not under {args.dataset_base_dir} and "
              f"were left out ({per_split}): {_name_some(sorted(every), args.verbose)}")
     listed = {r.case_id for r in rows}
     unused = sorted(set(cases) - listed)
     if unused:
-        warn(f"{len(unused)} case(s) under {args.dataset_base_dir} are not in {args.split_csv} and are not used: "
+        warn(f"{len(unused)} case(s) under {args.dataset_base_dir} are not in {csv_name} and are not used: "
              f"{_name_some(unused, args.verbose)}")
     for i, site in enumerate(split.sites):
         if not site:
-            raise BuildError(f"site-{i + 1} of {args.split_csv} has none of its {split.total.get(f'site-{i + 1}', 0)} "
+            raise BuildError(f"site-{i + 1} of {csv_name} has none of its {split.total.get(f'site-{i + 1}', 0)} "
                              f"training cases under {args.dataset_base_dir}; nothing written (a site cannot train "
                              "on no data): use --strategy random or institution for a partial dataset")
     if not split.validation:
-        raise BuildError(f"none of the validation cases of {args.split_csv} is under {args.dataset_base_dir}; "
+        raise BuildError(f"none of the validation cases of {csv_name} is under {args.dataset_base_dir}; "
                          "nothing written")
     return Plan(split.sites, [split.validation] * len(split.sites), shared_validation=True)
 
@@ -376,6 +377,14 @@ def render_table(plan: Plan, cases: Mapping[str, CaseInfo]) -> str:
         cells = [r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(widths))] + [r[-1]]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def shown(path: str | Path) -> str:
+    """A path as short as it can be shown: relative to the working folder when inside it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def warn(message: str) -> None:
