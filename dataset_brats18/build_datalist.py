@@ -360,16 +360,17 @@ def describe(ids: Sequence[str], cases: Mapping[str, CaseInfo]) -> tuple[str, st
 def render_table(plan: Plan, cases: Mapping[str, CaseInfo]) -> str:
     """Per site: training cases, HGG/LGG, validation cases and institutions; then site-All and validation."""
     header = ("datalist", "training", "HGG", "LGG", "validation", "institutions (training cases)")
-    rows = []
-    for i, (train, val) in enumerate(zip(plan.training, plan.validation)):
-        rows.append((f"site-{i + 1}", str(len(train)), *describe(train, cases)[:2], str(len(val)),
-                     describe(train, cases)[2]))
+
+    def row(name: str, train: Sequence[str], n_val: int) -> tuple[str, ...]:
+        hgg, lgg, insts = describe(train, cases)
+        return (name, str(len(train)), hgg, lgg, str(n_val), insts)
+
+    rows = [row(f"site-{i + 1}", train, len(val)) for i, (train, val) in enumerate(zip(plan.training, plan.validation))]
     all_train = [cid for site in plan.training for cid in site]
     all_val = sorted({cid for site in plan.validation for cid in site})
-    rows.append(("site-All", str(len(all_train)), *describe(all_train, cases)[:2], str(len(all_val)),
-                 describe(all_train, cases)[2]))
-    val_name = "validation (shared)" if plan.shared_validation else "validation (union)"
+    rows.append(row("site-All", all_train, len(all_val)))
     hgg, lgg, insts = describe(all_val, cases)
+    val_name = "validation (shared)" if plan.shared_validation else "validation (union)"
     rows.append((val_name, "-", hgg, lgg, str(len(all_val)), insts))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
     lines = []
