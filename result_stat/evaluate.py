@@ -1,0 +1,498 @@
+"""Evaluate trained models on a datalist's validation cases: the paper's results table, per case and per job.
+
+    python -m result_stat.evaluate --workspace /tmp/nvflare/simulation --jobs brats18_1 brats18_4 brats18_4_dp
+    python -m result_stat.evaluate --models central=/path/to/best_FL_global_model.pt \\
+        --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --datalist dataset_brats18/datalist/site-All.json
+
+Each model (a job's best_FL_global_model.pt, or any checkpoint of BratsSegResNet) runs through the clients' own
+pipeline (brats_pipeline: transforms, sliding-window inference, thresholds) on GPU when present, else CPU. Reported
+per region TC, WT, ET, with the BraTS conventions (result_stat/brats_metrics.py): Dice and HD95 in mm; a region
+empty in both prediction and truth scores Dice 1 / HD95 0, empty in exactly one scores Dice 0 / HD95 = the image
+diagonal (373.13 mm for BraTS volumes). Overall Dice = mean of the three regions. These are scored on the
+prediction as a BraTS label map holds it (ET inside TC inside WT), so they are what the BraTS evaluator would give
+for the label maps --save_predictions writes.
+
+The Dice that training logs (val_dice) uses another rule: it scores the network's raw TC/WT/ET channels and leaves
+a region absent from a case's truth out of that region's mean. It is recomputed too (column "Re-evaluated
+val_dice"), so the saved best model can be checked against the value the job logged for its best round.
+
+Outputs in --output_dir: per_case.csv (one row per model and case), summary.md (the tables printed at the end) and,
+with --save_predictions, predictions/<configuration>/<case_id>.nii.gz: label maps in BraTS values {0, 1, 2, 4}
+(or {0, 1, 2, 3} for BraTS 2023+ datalists) on the original voxel grid with the input's affine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+if str(REPO_DIR) not in sys.path:  # `python result_stat/evaluate.py` as well as `python -m result_stat.evaluate`
+    sys.path.insert(0, str(REPO_DIR))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import brats_pipeline as bp  # noqa: E402
+from result_stat import brats_metrics as bm  # noqa: E402
+from result_stat.job_results import JobPaths, best_round_of, read_round_metrics  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
+DEFAULT_INFER_ROI = (240, 240, 160)  # job.py's default for real data
+SHIPPED_DATALIST = REPO_DIR / "dataset_brats18" / "datalist" / "site-All.json"
+CLIENT_CONFIG = Path("config") / "config_fed_client.json"  # next to the best model in a simulator workspace
+FIRST_CONV_KEY = "convInit.conv.weight"  # SegResNet's first conv: out-channels = init_filters
+SUMMARY_COLUMNS = ("Configuration", "Val Overall Dice", "Val TC Dice", "Val WT Dice", "Val ET Dice",
+                   "Val TC HD95 (mm)", "Val WT HD95 (mm)", "Val ET HD95 (mm)")  # fmt: skip
+CSV_COLUMNS = (
+    "configuration", "case_id", "dice_overall", "dice_tc", "dice_wt", "dice_et", "hd95_tc", "hd95_wt", "hd95_et",
+    "voxels_truth_tc", "voxels_truth_wt", "voxels_truth_et", "voxels_pred_tc", "voxels_pred_wt", "voxels_pred_et",
+)  # fmt: skip
+
+
+class EvaluationInputError(ValueError):
+    """A bad flag or file, found before any model runs; reported as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What to evaluate
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """One model to evaluate and where its validation data comes from."""
+
+    label: str
+    model_path: Path
+    dataset_base_dir: Path | None = None
+    datalist_path: Path | None = None
+    infer_roi_size: tuple[int, int, int] | None = None
+    job_paths: JobPaths | None = None  # set when the model is a job's best model: its logged metrics are shown
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    scores: dict[str, float]  # BraTS convention (brats_metrics.region_scores)
+    training_rule_dice: np.ndarray  # brats_pipeline.dice_per_region: nan where the truth of a region is empty
+    voxels_truth: tuple[int, int, int]
+    voxels_pred: tuple[int, int, int]
+    prediction_file: Path | None = None
+
+
+@dataclass
+class ModelResult:
+    spec: ModelSpec
+    cases: list[CaseResult] = field(default_factory=list)
+
+    def mean(self, key: str) -> float:
+        return float(np.mean([c.scores[key] for c in self.cases]))
+
+    def training_rule_metrics(self) -> dict[str, float]:
+        """val_dice, val_dice_tc/wt/et exactly as brats_pipeline.evaluate_dice computes them during training."""
+        return bp.aggregate_dice([c.training_rule_dice for c in self.cases])
+
+
+def job_client_args(model_path: Path) -> dict:
+    """Dataset, datalist and inference size the job's clients used, from the config saved beside the best model.
+
+    Returns {} for a checkpoint outside a simulator workspace.
+    """
+    config_path = model_path.parent / CLIENT_CONFIG
+    if not config_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text())
+    script_args = ""
+    for executor in config.get("executors", []):
+        script_args = executor.get("executor", {}).get("args", {}).get("task_script_args", script_args)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--dataset_base_dir")
+    parser.add_argument("--datalist_json_path")
+    parser.add_argument("--infer_roi_size", type=int, nargs=3)
+    parser.add_argument("--centralised", action="store_true")
+    known, _ = parser.parse_known_args(shlex.split(script_args))
+    return {k: v for k, v in vars(known).items() if v not in (None, False)}
+
+
+def datalist_file(path: Path) -> Path:
+    """A datalist JSON; for a folder of site datalists, site-All.json (every site shares the validation cases)."""
+    if path.is_dir():
+        candidates = [path / "site-All.json", *sorted(path.glob("site-*.json"))]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise EvaluationInputError(f"--datalist {path}: folder holds no site-*.json; give a datalist JSON file")
+        return found[0]
+    return path
+
+
+def job_paths_of(model_path: Path) -> JobPaths | None:
+    """The simulator job a model file belongs to (<workspace>/<job>/server/simulate_job/app_server/x.pt), if any."""
+    resolved = model_path.resolve()
+    if len(resolved.parts) < 6 or resolved.parts[-4:-1] != ("server", "simulate_job", "app_server"):
+        return None
+    return JobPaths(resolved.parents[4], resolved.parents[3].name)
+
+
+def parse_model_flag(value: str) -> tuple[str, Path]:
+    """'LABEL=PATH' or 'PATH' (label: the job folder name for a simulator workspace path, else the file stem)."""
+    label, sep, path = value.partition("=")
+    if not sep:
+        path, label = value, ""
+    model_path = Path(path)
+    if not label:
+        job = job_paths_of(model_path)
+        label = job.job_name if job else model_path.stem
+    return label, model_path
+
+
+def build_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """Every model to evaluate, with its data settings resolved; raises EvaluationInputError on the first problem."""
+    if not args.jobs and not args.models:
+        raise EvaluationInputError("nothing to evaluate: give --jobs NAME ... (with --workspace) or --models PATH ...")
+    specs = []
+    workspace = Path(args.workspace)
+    for job in args.jobs or []:
+        paths = JobPaths(workspace, job)
+        if not paths.best_model.is_file():
+            raise EvaluationInputError(
+                f"--jobs {job}: no best model at {paths.best_model}; run the job first (python job.py "
+                f"--workspace {workspace} ...) or check --workspace"
+            )
+        specs.append(ModelSpec(job, paths.best_model, job_paths=paths))
+    for value in args.models or []:
+        label, path = parse_model_flag(value)
+        if not path.is_file():
+            raise EvaluationInputError(f"--models {value}: model file {path} not found")
+        specs.append(ModelSpec(label, path, job_paths=job_paths_of(path)))
+    labels = [s.label for s in specs]
+    duplicated = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicated:
+        raise EvaluationInputError(f"configuration names {duplicated} appear twice; name models as LABEL=PATH")
+    for spec in specs:
+        resolve_data(spec, args.dataset_base_dir, args.datalist, args.infer_roi_size)
+    return specs
+
+
+def resolve_data(
+    spec: ModelSpec, dataset_base_dir: str | None, datalist: str | None, infer_roi_size: list[int] | None
+) -> None:
+    """Fill in the spec's data settings. Flags win; otherwise what the job's clients used; otherwise (datalist
+    only) the shipped paper split. Checks that every validation file exists."""
+    from dataset_brats18.datalist import DatalistError, load_datalist, missing_files
+
+    job_args = job_client_args(spec.model_path)
+    base = dataset_base_dir or job_args.get("dataset_base_dir")
+    if base is None:
+        raise EvaluationInputError(
+            f"{spec.label}: no --dataset_base_dir given and {spec.model_path} has no job config beside it; "
+            "pass --dataset_base_dir (the folder datalist paths are relative to)"
+        )
+    spec.dataset_base_dir = Path(base)
+    if not spec.dataset_base_dir.is_dir():
+        raise EvaluationInputError(f"--dataset_base_dir {spec.dataset_base_dir} does not exist ({spec.label})")
+    if datalist:
+        spec.datalist_path = datalist_file(Path(datalist))
+    elif "datalist_json_path" in job_args:
+        spec.datalist_path = datalist_file(Path(job_args["datalist_json_path"]))
+    else:
+        spec.datalist_path = SHIPPED_DATALIST
+    try:
+        content = load_datalist(spec.datalist_path)
+    except DatalistError as e:
+        raise EvaluationInputError(f"--datalist: {e}") from None
+    missing = missing_files(content["validation"], spec.dataset_base_dir)
+    if missing:
+        raise EvaluationInputError(
+            f"{len(missing)} validation file(s) of {spec.datalist_path} are missing under {spec.dataset_base_dir}, "
+            f"e.g. {missing[0]}; check --dataset_base_dir and --datalist"
+        )
+    roi = infer_roi_size or job_args.get("infer_roi_size") or DEFAULT_INFER_ROI
+    try:
+        bp.check_roi_size(roi, "--infer_roi_size")
+    except ValueError as e:
+        raise EvaluationInputError(str(e)) from None
+    spec.infer_roi_size = tuple(int(s) for s in roi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and inference
+# ---------------------------------------------------------------------------------------------------------------
+def load_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint, loaded safely (weights_only=True): an NVFlare persistor dict {"model": ...} or a
+    plain state dict."""
+    try:
+        checkpoint = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors come in several types
+        raise EvaluationInputError(f"cannot load {model_path} as a weights-only torch checkpoint: {e}") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or FIRST_CONV_KEY not in state:
+        raise EvaluationInputError(f"{model_path} holds no BratsSegResNet weights (no '{FIRST_CONV_KEY}')")
+    return {k: torch.as_tensor(v) for k, v in state.items()}
+
+
+def infer_init_filters(state: dict[str, torch.Tensor]) -> int:
+    """SegResNet's base width, read from the first convolution's output channels."""
+    return int(state[FIRST_CONV_KEY].shape[0])
+
+
+def load_model(model_path: Path, device: torch.device) -> torch.nn.Module:
+    from model import BratsSegResNet
+
+    state = load_state_dict(model_path)
+    model = BratsSegResNet(init_filters=infer_init_filters(state))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise EvaluationInputError(f"{model_path} does not match BratsSegResNet: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def case_id_of(label_path: str | Path) -> str:
+    name = Path(label_path).name
+    for suffix in (".nii.gz", ".nii"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix("_seg")
+
+
+def spacing_of(meta_tensor) -> tuple[float, ...]:
+    """Voxel size in mm of a (channel-first) MONAI MetaTensor, from its affine."""
+    affine = np.asarray(meta_tensor.affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def nested_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
+    """TC/WT/ET channels as a BraTS label map holds them (ET inside TC inside WT), i.e. what a viewer or the BraTS
+    evaluator sees in the written prediction; the network's raw channels need not be nested."""
+    return bp.labels_to_regions(bp.regions_to_labels(regions, et_label), et_label) > 0.5
+
+
+def save_label_map(prediction, label_item, val_transform, label_path: Path, et_label: int, out_path: Path) -> None:
+    """Write a predicted TC/WT/ET tensor as a BraTS label map on the original grid, with the input's affine.
+
+    The prediction lives in the pipeline's space (RAS, 1 mm); MONAI inverts the label's own transforms
+    (orientation, spacing) on it, so it lands voxel for voxel on the original scan.
+    """
+    import nibabel as nib
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    data = {
+        "label": label_item,
+        "pred": MetaTensor(prediction.detach().cpu(), meta=dict(label_item.meta),
+                           applied_operations=list(label_item.applied_operations)),
+    }  # fmt: skip
+    inverted = Invertd(keys="pred", transform=val_transform, orig_keys="label", nearest_interp=True)(data)["pred"]
+    labels = bp.regions_to_labels(np.asarray(inverted.detach().cpu()), et_label)
+    original = nib.load(str(label_path))
+    if labels.shape != original.shape[:3]:
+        raise RuntimeError(f"inverted prediction {labels.shape} does not match {label_path} {original.shape}")
+    header = original.header.copy()
+    header.set_data_dtype(np.uint8)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(labels, original.affine, header), str(out_path))
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    device: torch.device,
+    use_amp: bool = False,
+    prediction_dir: Path | None = None,
+    log=print,
+    case_ids: set[str] | None = None,
+) -> ModelResult:
+    """Run the clients' validation pipeline on every validation case (or those named in case_ids) and score it
+    both ways."""
+    from monai.data import decollate_batch
+
+    datalist = bp.read_datalist(spec.datalist_path)
+    et_label = bp.datalist_et_label(datalist)
+    entries = bp.resolve_entries(datalist["validation"], spec.dataset_base_dir)
+    if case_ids is not None:
+        entries = [e for e in entries if case_id_of(e["label"]) in case_ids]
+    transform = bp.val_transforms(et_label)
+    loader = bp.make_loader(bp.make_dataset(entries, transform), shuffle=False)
+    result = ModelResult(spec)
+    model.eval()
+    for batch in loader:
+        prediction = bp.predict_regions(model, batch["image"].to(device), spec.infer_roi_size, use_amp=use_amp)
+        items = decollate_batch(batch)
+        for b, item in enumerate(items):
+            label = item["label"]
+            truth = np.asarray(label.detach().cpu()) > 0.5
+            pred = nested_regions(np.asarray(prediction[b].detach().cpu()) > 0.5, et_label)
+            case = CaseResult(
+                case_id=case_id_of(label.meta.get("filename_or_obj", f"case{len(result.cases)}")),
+                scores=bm.region_scores(pred, truth, spacing_of(label), bp.REGIONS),
+                training_rule_dice=bp.dice_per_region(prediction[b], batch["label"][b]),
+                voxels_truth=tuple(int(v) for v in truth.reshape(3, -1).sum(axis=1)),
+                voxels_pred=tuple(int(v) for v in pred.reshape(3, -1).sum(axis=1)),
+            )
+            if prediction_dir is not None:
+                case.prediction_file = prediction_dir / f"{case.case_id}.nii.gz"
+                save_label_map(prediction[b], label, transform, Path(label.meta["filename_or_obj"]), et_label,
+                               case.prediction_file)  # fmt: skip
+            result.cases.append(case)
+            s = case.scores
+            log(f"  {spec.label} {case.case_id}: Dice TC {s['dice_tc']:.4f} WT {s['dice_wt']:.4f} ET {s['dice_et']:.4f}, "
+                f"HD95 TC {s['hd95_tc']:.2f} WT {s['hd95_wt']:.2f} ET {s['hd95_et']:.2f} mm")  # fmt: skip
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------------
+def markdown_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_row(result: ModelResult) -> list[str]:
+    dice = [f"{result.mean(k):.4f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et")]
+    hd95 = [f"{result.mean(k):.2f}" for k in ("hd95_tc", "hd95_wt", "hd95_et")]
+    return [result.spec.label, *dice, *hd95]
+
+
+def logged_best(spec: ModelSpec) -> tuple[int, float] | None:
+    """(best round, val_dice the job logged for it), when the model is a job's best model with round metrics."""
+    if spec.job_paths is None or not spec.job_paths.round_metrics.is_file():
+        return None
+    rounds = read_round_metrics(spec.job_paths.round_metrics)
+    best = best_round_of(rounds)
+    value = next((r.metrics.get("val_dice", math.nan) for r in rounds if r.round == best), math.nan)
+    return (best, value) if best >= 0 else None
+
+
+def check_row(result: ModelResult) -> list[str]:
+    logged = logged_best(result.spec)
+    recomputed = result.training_rule_metrics()["val_dice"]
+    return [
+        result.spec.label,
+        str(len(result.cases)),
+        str(logged[0]) if logged else "-",
+        f"{logged[1]:.4f}" if logged else "-",
+        f"{recomputed:.4f}",
+    ]
+
+
+def render_summary(results: list[ModelResult]) -> str:
+    main_table = markdown_table(SUMMARY_COLUMNS, [summary_row(r) for r in results])
+    check_table = markdown_table(
+        ("Configuration", "Cases", "Best round", "Logged val_dice", "Re-evaluated val_dice"),
+        [check_row(r) for r in results],
+    )
+    return (
+        "Validation results, BraTS conventions (mean over cases; empty region in prediction and truth: Dice 1, "
+        "HD95 0; in one only: Dice 0, HD95 = image diagonal):\n\n"
+        f"{main_table}\n\n"
+        "Training-time rule (regions absent from a case's truth left out), to compare with the job's log:\n\n"
+        f"{check_table}\n"
+    )
+
+
+def write_per_case_csv(results: list[ModelResult], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for result in results:
+            for case in result.cases:
+                s = case.scores
+                writer.writerow([
+                    result.spec.label, case.case_id,
+                    *(f"{s[k]:.6f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et")),
+                    *(f"{s[k]:.4f}" for k in ("hd95_tc", "hd95_wt", "hd95_et")),
+                    *case.voxels_truth, *case.voxels_pred,
+                ])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m result_stat.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    what = p.add_argument_group("models (at least one of --jobs, --models)")
+    what.add_argument("--workspace", default=DEFAULT_WORKSPACE,
+                      help=f"simulator workspace root that --jobs are in (default: {DEFAULT_WORKSPACE})")
+    what.add_argument("--jobs", nargs="+", metavar="JOB",
+                      help="job folder names under --workspace, e.g. brats18_1 brats18_4 brats18_4_dp; each job's "
+                           "server/simulate_job/app_server/best_FL_global_model.pt is evaluated")
+    what.add_argument("--models", nargs="+", metavar="[LABEL=]PATH",
+                      help="any BratsSegResNet checkpoint (NVFlare persistor dict or plain state dict); LABEL names "
+                           "its row (default: the job folder for a path inside a workspace, else the file name)")
+    data = p.add_argument_group("data (default: what each job's clients used, read from the job's config)")
+    data.add_argument("--dataset_base_dir", help="folder the datalist paths are relative to")
+    data.add_argument("--datalist",
+                      help="datalist JSON whose 'validation' cases are evaluated, or a folder of site-N.json files "
+                           "(site-All.json is used); default with --dataset_base_dir and no job config: "
+                           "dataset_brats18/datalist/site-All.json")
+    run = p.add_argument_group("inference")
+    run.add_argument("--infer_roi_size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                     help="sliding-window size, multiples of 8 (default: the job's, else 240 240 160)")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                     help="auto = CUDA when available, else CPU (default: auto)")
+    run.add_argument("--no_amp", action="store_true",
+                     help="turn mixed precision off on CUDA (on by default there, as in training)")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--output_dir", help="where per_case.csv, summary.md and predictions/ go "
+                                          "(default: <workspace>/evaluation)")
+    out.add_argument("--save_predictions", action="store_true",
+                     help="also write each case's predicted label map as NIfTI (BraTS label values, input's affine)")
+    return p
+
+
+def select_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise EvaluationInputError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return bp.select_device(prefer_cuda=choice != "cpu")
+
+
+def quiet_monai_warnings() -> None:
+    """MONAI's deprecation notices about its own defaults say nothing actionable to a user of this script."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_monai_warnings()
+    try:
+        specs = build_specs(args)
+        device = select_device(args.device)
+        output_dir = Path(args.output_dir) if args.output_dir else Path(args.workspace) / "evaluation"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        models = [load_model(s.model_path, device) for s in specs]
+    except EvaluationInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"error: cannot create --output_dir: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    use_amp = device.type == "cuda" and not args.no_amp
+    results = []
+    for spec, model in zip(specs, models):
+        print(f"Evaluating {spec.label}: {spec.model_path} on the validation cases of {spec.datalist_path} "
+              f"({device.type}, window {'x'.join(map(str, spec.infer_roi_size))})", flush=True)  # fmt: skip
+        prediction_dir = output_dir / "predictions" / spec.label if args.save_predictions else None
+        results.append(evaluate_model(model, spec, device, use_amp, prediction_dir))
+    summary = render_summary(results)
+    write_per_case_csv(results, output_dir / "per_case.csv")
+    (output_dir / "summary.md").write_text(summary)
+    print()
+    print(summary)
+    print(f"Wrote {output_dir / 'per_case.csv'} and {output_dir / 'summary.md'}"
+          + (f" and label maps under {output_dir / 'predictions'}" if args.save_predictions else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

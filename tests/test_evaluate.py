@@ -1,0 +1,240 @@
+"""result_stat.evaluate: checkpoint loading, label-map writing, bad input, and re-evaluating a real tiny job's best
+model, which must reproduce the val_dice the job logged for its best round."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import brats_pipeline as bp
+from model import BratsSegResNet
+from result_stat import brats_metrics as bm
+from result_stat import evaluate as ev
+from result_stat.job_results import best_round_of, read_round_metrics
+from tiny_job import REPO_DIR, tiny_job_paths
+
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory, tiny_federation):
+    return tiny_job_paths(tmp_path_factory, *tiny_federation)
+
+
+def first_validation_item(dataset_dir: Path, datalist_path: Path):
+    """The first validation case as the clients' validation transform delivers it, with the transform."""
+    datalist = bp.read_datalist(datalist_path)
+    et_label = bp.datalist_et_label(datalist)
+    entry = bp.resolve_entries(datalist["validation"][:1], dataset_dir)[0]
+    transform = bp.val_transforms(et_label)
+    return transform(entry), transform, Path(entry["label"]), et_label
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_model_width_is_inferred_and_weights_load(tmp_path, wrapped):
+    torch.manual_seed(3)
+    original = BratsSegResNet(init_filters=24)
+    state = original.state_dict()
+    torch.save({"model": state, "train_conf": {"train": {"model": "x"}}} if wrapped else state, tmp_path / "m.pt")
+    loaded = ev.load_model(tmp_path / "m.pt", torch.device("cpu"))
+    assert loaded.init_filters == 24
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_checkpoint_needing_unsafe_unpickling_is_refused(tmp_path):
+    torch.save({"model": BratsSegResNet(init_filters=8).state_dict(), "extra": Path("x")}, tmp_path / "m.pt")
+    with pytest.raises(ev.EvaluationInputError, match="weights-only"):
+        ev.load_model(tmp_path / "m.pt", torch.device("cpu"))
+
+
+def test_checkpoint_of_another_network_is_refused(tmp_path):
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "m.pt")
+    with pytest.raises(ev.EvaluationInputError, match="no BratsSegResNet weights"):
+        ev.load_model(tmp_path / "m.pt", torch.device("cpu"))
+
+
+# --- label maps ----------------------------------------------------------------------------------------------------
+def test_label_map_of_a_perfect_prediction_is_the_ground_truth_file(tiny_federation, tmp_path):
+    dataset_dir, datalist_dir = tiny_federation
+    item, transform, label_path, et_label = first_validation_item(dataset_dir, datalist_dir / "site-1.json")
+    ev.save_label_map(item["label"], item["label"], transform, label_path, et_label, tmp_path / "pred.nii.gz")
+    written, original = nib.load(tmp_path / "pred.nii.gz"), nib.load(label_path)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
+    np.testing.assert_array_equal(written.affine, original.affine)  # LPS, like the real release
+    assert written.get_data_dtype() == np.uint8
+
+
+def test_label_map_round_trip_on_a_real_brats_case(brats_sample, tmp_path):
+    from dataset_brats18.datalist import brats18_case_entry, write_datalist
+
+    case = next((brats_sample / "training" / "HGG").iterdir())
+    write_datalist(tmp_path / "dl.json", [], [brats18_case_entry(case.name, "HGG")])
+    item, transform, label_path, et_label = first_validation_item(brats_sample, tmp_path / "dl.json")
+    ev.save_label_map(item["label"], item["label"], transform, label_path, et_label, tmp_path / "pred.nii.gz")
+    written, original = nib.load(tmp_path / "pred.nii.gz"), nib.load(label_path)
+    assert written.shape == (240, 240, 155)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj))
+    np.testing.assert_array_equal(written.affine, original.affine)
+
+
+def test_case_id_of_brats_file_names():
+    assert ev.case_id_of("training/HGG/Brats18_TCIA01_201_1/Brats18_TCIA01_201_1_seg.nii.gz") == "Brats18_TCIA01_201_1"
+    assert ev.case_id_of("/x/BraTS-GLI-00000-000-seg.nii.gz") == "BraTS-GLI-00000-000-seg"
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
+    cases = [
+        ([], "nothing to evaluate"),
+        (["--workspace", str(tmp_path), "--jobs", "brats18_9"], "--jobs brats18_9: no best model"),
+        (["--models", str(tmp_path / "none.pt")], "--models"),
+    ]
+    for argv, expected in cases:
+        assert ev.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_data_flags_exit_2(tiny_federation, tmp_path, capsys):
+    dataset_dir, datalist_dir = tiny_federation
+    torch.save(BratsSegResNet(init_filters=8).state_dict(), tmp_path / "m.pt")
+    base = ["--models", str(tmp_path / "m.pt"), "--output_dir", str(tmp_path)]
+    data = ["--dataset_base_dir", str(dataset_dir), "--datalist", str(datalist_dir)]
+    cases = [
+        ([], "pass --dataset_base_dir"),  # a bare checkpoint has no job config to take the data from
+        (["--dataset_base_dir", str(tmp_path / "absent")], "--dataset_base_dir"),
+        (["--dataset_base_dir", str(dataset_dir), "--datalist", str(tmp_path / "absent.json")], "not found"),
+        (["--dataset_base_dir", str(tmp_path), "--datalist", str(datalist_dir)], "missing under"),
+        (data + ["--infer_roi_size", "30", "32", "24"], "--infer_roi_size"),
+    ]
+    for extra, expected in cases:
+        assert ev.main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+    twice = ["--models", str(tmp_path / "m.pt"), f"m={tmp_path / 'm.pt'}", "--output_dir", str(tmp_path), *data]
+    for argv, expected in [(twice, "appear twice")]:
+        assert ev.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+
+
+# --- the tiny real job ---------------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_job_config_gives_the_clients_data_and_window(tiny_job, tiny_federation):
+    dataset_dir, datalist_dir = tiny_federation
+    args = ev.job_client_args(tiny_job.best_model)
+    assert Path(args["dataset_base_dir"]) == dataset_dir.resolve()
+    assert Path(args["datalist_json_path"]) == datalist_dir.resolve()
+    assert args["infer_roi_size"] == [32, 32, 24]
+
+
+@pytest.mark.e2e
+def test_saved_best_model_reproduces_the_logged_best_val_dice(tiny_job):
+    """The correctness check of the issue: NVFlare's best_FL_global_model.pt is the model whose val_dice was best.
+
+    Clients validate the global model they receive at round r, so round r's metric belongs to the model made by
+    the aggregation of round r-1; the checkpoint records that aggregation round in meta_props.
+    """
+    torch.set_num_threads(1)
+    rounds = read_round_metrics(tiny_job.round_metrics)
+    best = best_round_of(rounds)
+    logged = {r.round: r.metrics for r in rounds}
+    spec = ev.ModelSpec(tiny_job.job_name, tiny_job.best_model, job_paths=tiny_job)
+    ev.resolve_data(spec, None, None, None)
+    model = ev.load_model(spec.model_path, torch.device("cpu"))
+    result = ev.evaluate_model(model, spec, torch.device("cpu"), log=lambda *_: None)
+    recomputed = result.training_rule_metrics()
+
+    for key in ("val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"):
+        assert recomputed[key] == pytest.approx(logged[best][key], abs=TOLERANCE), key
+    # an off-by-one (the model of another round saved as best) would match that round's value instead
+    for r, metrics in logged.items():
+        if r != best:
+            assert abs(recomputed["val_dice"] - metrics["val_dice"]) > TOLERANCE, f"round {r} is indistinguishable"
+    checkpoint = torch.load(tiny_job.best_model, map_location="cpu", weights_only=True)
+    assert checkpoint["meta_props"]["current_round"] == best - 1
+
+    # the same figure through the pipeline's own evaluate_dice (what the clients ran)
+    datalist = bp.read_datalist(spec.datalist_path)
+    entries = bp.resolve_entries(datalist["validation"], spec.dataset_base_dir)
+    dataset = bp.make_dataset(entries, bp.val_transforms(bp.datalist_et_label(datalist)))
+    loader = bp.make_loader(dataset, shuffle=False)
+    assert bp.evaluate_dice(model, loader, torch.device("cpu"), spec.infer_roi_size)["val_dice"] == pytest.approx(
+        recomputed["val_dice"], abs=1e-9
+    )
+    # the last global model (one aggregation later) is a different model: the check above can fail
+    final = ev.load_model(tiny_job.server_job_dir / "app_server" / "FL_global_model.pt", torch.device("cpu"))
+    final_dice = ev.evaluate_model(final, spec, torch.device("cpu"), log=lambda *_: None).training_rule_metrics()
+    assert abs(final_dice["val_dice"] - recomputed["val_dice"]) > TOLERANCE
+
+
+@pytest.mark.e2e
+def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_federation, tmp_path):
+    dataset_dir, _ = tiny_federation
+    out = tmp_path / "eval"
+    done = subprocess.run(
+        [sys.executable, str(REPO_DIR / "result_stat" / "evaluate.py"), "--workspace", str(tiny_job.workspace_root),
+         "--jobs", tiny_job.job_name, "--output_dir", str(out), "--save_predictions", "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == ["Brats18_SYN_008_1", "Brats18_SYN_009_1"]
+    for row in rows:
+        regions = [float(row[f"dice_{r}"]) for r in ("tc", "wt", "et")]
+        assert float(row["dice_overall"]) == pytest.approx(np.mean(regions), abs=1e-6)
+        # the written label map holds exactly the prediction that was scored
+        case_dir = next(dataset_dir.glob(f"training/*/{row['case_id']}"))
+        truth = bp.labels_to_regions(np.asarray(nib.load(case_dir / f"{row['case_id']}_seg.nii.gz").dataobj))
+        predicted_file = out / "predictions" / tiny_job.job_name / f"{row['case_id']}.nii.gz"
+        assert set(np.unique(np.asarray(nib.load(predicted_file).dataobj))) <= {0, 1, 2, 4}
+        predicted = bp.labels_to_regions(np.asarray(nib.load(predicted_file).dataobj))
+        for i, region in enumerate(bp.REGIONS):
+            assert int(predicted[i].sum()) == int(row[f"voxels_pred_{region}"])
+            assert bm.dice_brats(predicted[i], truth[i]) == pytest.approx(float(row[f"dice_{region}"]), abs=1e-6)
+            assert bm.hausdorff_percentile(predicted[i], truth[i], (1.0, 1.0, 1.0)) == pytest.approx(
+                float(row[f"hd95_{region}"]), abs=1e-3
+            )
+    summary = (out / "summary.md").read_text()
+    header = "| " + " | ".join(ev.SUMMARY_COLUMNS) + " |"
+    assert header in summary and header in done.stdout
+    table_row = next(line for line in summary.splitlines() if line.startswith(f"| {tiny_job.job_name} | "))
+    cells = [c.strip() for c in table_row.strip("|").split("|")]
+    for cell, key in zip(cells[1:], ("dice_overall", "dice_tc", "dice_wt", "dice_et", "hd95_tc", "hd95_wt", "hd95_et")):
+        assert float(cell) == pytest.approx(np.mean([float(r[key]) for r in rows]), abs=0.006)
+    rounds = read_round_metrics(tiny_job.round_metrics)
+    best = best_round_of(rounds)
+    logged_best = next(r.metrics["val_dice"] for r in rounds if r.round == best)
+    check_row = next(line for line in summary.splitlines()[::-1] if line.startswith(f"| {tiny_job.job_name} | "))
+    assert f"| {best} | {logged_best:.4f} |" in check_row
+
+
+@pytest.mark.e2e
+def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "BRATS_WORKSPACE": str(tiny_job.workspace_root)}
+    done = subprocess.run(
+        ["bash", str(REPO_DIR / "result_stat" / "testing_models_3d.sh"), "-o", str(tmp_path), "--", "--device", "cpu"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping brats18_1: not run" in done.stdout
+    assert "skipping brats18_4_dp: not run" in done.stdout
+    assert f"| {tiny_job.job_name} | " in done.stdout
+    assert (tmp_path / "per_case.csv").is_file()
+
+
+def test_shell_script_without_any_job_exits_2(tmp_path):
+    done = subprocess.run(["bash", str(REPO_DIR / "result_stat" / "testing_models_3d.sh"), "-w", str(tmp_path)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2
+    assert "run job.py first" in done.stderr

@@ -1,0 +1,33 @@
+"""One tiny real simulator job (2 clients x 3 rounds, ~40 s), run once per test session and shared by the
+evaluation and plotting tests. Named brats18_4 so result_stat/testing_models_3d.sh picks it up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from result_stat.job_results import JobPaths
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+JOB_NAME = "brats18_4"
+NUM_ROUNDS = 3  # rounds 1 and 2 can both be best: an off-by-one in the saved model would show
+_runs: dict[Path, JobPaths] = {}
+
+
+def tiny_job_paths(tmp_path_factory, dataset_dir: Path, datalist_dir: Path) -> JobPaths:
+    """Run the job the first time it is asked for in this session; later calls reuse it."""
+    key = tmp_path_factory.getbasetemp()
+    if key not in _runs:
+        workspace = tmp_path_factory.mktemp("tiny_job_ws")
+        argv = [
+            sys.executable, str(REPO_DIR / "job.py"),
+            "--dataset_base_dir", str(dataset_dir), "--datalist_json_path", str(datalist_dir),
+            "--workspace", str(workspace), "--job_name", JOB_NAME, "--n_clients", "2",
+            "--num_rounds", str(NUM_ROUNDS), "--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24",
+            "--init_filters", "8", "--learning_rate", "1e-3",
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_DIR)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _runs[key] = JobPaths(workspace, JOB_NAME)
+    return _runs[key]
