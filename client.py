@@ -5,7 +5,9 @@ local epochs, and send the weights back (the Client API turns them into a weight
 the validation Dice and the number of local steps, which FedAvg uses as the aggregation weight.
 
 The imaging pipeline (transforms, loss, Dice, sliding-window inference) lives in brats_pipeline.py, shared with
-result_stat/ and the tests.
+result_stat/ and the tests. With ``--dp_mechanism dpsgd`` local training is DP-SGD (dpsgd.py, calibrated by
+privacy.py) and the update carries the site's spent epsilon in its metadata; with ``svt`` NVFlare's filter, outside
+this script, perturbs the update after it is sent.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import copy
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
 
 import brats_pipeline as bp
+import privacy
 from model import BratsSegResNet
 
 
@@ -43,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_rounds", type=int, default=1, help="planned FL rounds (DP-SGD calibrates for all of them)")
+    p.add_argument("--dp_mechanism", choices=("none", *privacy.MECHANISMS), default="none",
+                   help="privacy mechanism of the job: svt (an NVFlare filter after this script) or dpsgd (here)")
+    p.add_argument("--dp_target_epsilon", type=float, default=8.0, help="DP-SGD: epsilon after all rounds")
+    p.add_argument("--dp_delta", type=float, default=None, help="DP-SGD: delta (default: 0.1 / training cases)")
+    p.add_argument("--dp_max_grad_norm", type=float, default=1.0, help="DP-SGD: per-case gradient clipping bound")
     return p.parse_args(argv)
 
 
@@ -57,16 +67,21 @@ def site_datalist_path(args: argparse.Namespace, site_name: str) -> Path:
     return Path(args.datalist_json_path) / f"{name}.json"
 
 
-def build_loaders(args: argparse.Namespace, datalist_path: Path):
+def build_datasets(args: argparse.Namespace, datalist_path: Path):
     datalist = bp.read_datalist(datalist_path)
     et_label = bp.datalist_et_label(datalist)
     train_entries = bp.resolve_entries(datalist["training"], args.dataset_base_dir)
     val_entries = bp.resolve_entries(datalist["validation"], args.dataset_base_dir)
     train_ds = bp.make_dataset(train_entries, bp.train_transforms(args.roi_size, et_label), args.cache_dataset)
     val_ds = bp.make_dataset(val_entries, bp.val_transforms(et_label), args.cache_dataset)
-    return bp.make_loader(train_ds, shuffle=True, num_workers=args.num_workers), bp.make_loader(
-        val_ds, shuffle=False, num_workers=args.num_workers
-    )
+    return train_ds, val_ds
+
+
+def keep_dp_noise_secret() -> None:
+    """Reseed NumPy's global generator from the OS after seed_everything: NVFlare's SVT filter runs in this process
+    and draws its Laplace noise from that generator, which must not be reproducible from the public --seed.
+    (MONAI's augmentation is seeded through torch, so training stays reproducible.)"""
+    np.random.seed(None)
 
 
 def train_one_round(model, global_model, loader, optimizer, loss_fn, fedprox, epochs, device, scaler) -> tuple[int, float]:
@@ -109,9 +124,26 @@ def main() -> None:
     device = bp.select_device()
     use_amp = device.type == "cuda" and not args.no_amp
 
-    train_loader, val_loader = build_loaders(args, site_datalist_path(args, site_name))
+    if args.dp_mechanism != "none":
+        keep_dp_noise_secret()
+
+    train_ds, val_ds = build_datasets(args, site_datalist_path(args, site_name))
+    train_loader = bp.make_loader(train_ds, shuffle=True, num_workers=args.num_workers)
+    val_loader = bp.make_loader(val_ds, shuffle=False, num_workers=args.num_workers)
     model = BratsSegResNet(init_filters=args.init_filters).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
+    plan = None
+    if args.dp_mechanism == "dpsgd":
+        import dpsgd
+
+        plan = privacy.plan_dpsgd(len(train_ds), args.num_rounds, args.aggregation_epochs, args.dp_target_epsilon,
+                                  args.dp_delta, args.dp_max_grad_norm, site=site_name)
+        secret = dpsgd.secret_generator()
+        train_loader = dpsgd.poisson_loader(train_ds, plan, secret, num_workers=args.num_workers)
+        optimizer = dpsgd.make_dp_optimizer(optimizer, plan, secret)
+        use_amp = False  # per-case gradients are taken in full precision
+        print(f"[{site_name}] DP-SGD: noise multiplier {plan.noise_multiplier:.4g}, sampling rate "
+              f"{plan.sample_rate:.3g}, {plan.steps_per_round} steps per round, delta {plan.delta:.3g}", flush=True)
     loss_fn = bp.make_loss()
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     fedprox = None
@@ -133,18 +165,28 @@ def main() -> None:
             for p in global_model.parameters():
                 p.requires_grad_(False)
 
-        steps, train_loss = train_one_round(
-            model, global_model, train_loader, optimizer, loss_fn, fedprox, args.aggregation_epochs, device, scaler
-        )
+        started = time.perf_counter()
+        meta = {}
+        if plan is None:
+            steps, train_loss = train_one_round(
+                model, global_model, train_loader, optimizer, loss_fn, fedprox, args.aggregation_epochs, device, scaler
+            )
+        else:
+            steps, train_loss = dpsgd.train_one_round(
+                model, global_model, train_loader, optimizer, loss_fn, fedprox, args.aggregation_epochs, device
+            )
+            meta[privacy.DPSGD_META] = privacy.dpsgd_round_record(plan, round_num)
         log_round(writer, round_num, metrics, train_loss, steps)
+        privacy_note = f", epsilon {meta[privacy.DPSGD_META]['epsilon']:.4g} spent" if plan else ""
         print(f"[{site_name}] round {round_num}: global model val_dice {metrics['val_dice']:.4f}, "
-              f"{steps} local steps, train loss {train_loss:.4f}", flush=True)
+              f"{steps} local steps in {time.perf_counter() - started:.1f} s, train loss {train_loss:.4f}"
+              f"{privacy_note}", flush=True)
 
         flare.send(
             flare.FLModel(
                 params={k: v.detach().cpu() for k, v in model.state_dict().items()},
                 metrics={k: v for k, v in metrics.items() if not math.isnan(v)},
-                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps, **meta},
             )
         )
 

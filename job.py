@@ -4,6 +4,8 @@
     python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 1    # centralised
     python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 4    # federated
     python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 4 --enable_dp
+    python job.py --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --n_clients 4 --enable_dp \
+        --dp_mechanism dpsgd --dp_target_epsilon 8
 
 Builds a FedAvg recipe around BratsSegResNet (clients send weight differences, the server keeps the global model
 with the best validation Dice), runs it in the NVFlare simulator and prints a summary of what it produced.
@@ -14,12 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Importing nvflare.recipe strips NVFlare's own --export / --export-dir flags from sys.argv (recipe.execute honours
 # them), so it must happen before our parser runs.
 import nvflare.recipe  # noqa: F401,E402
+
+import privacy  # noqa: E402  (accounting only: no torch, no NVFlare)
 
 REPO_DIR = Path(__file__).resolve().parent
 SHIPPED_DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--n_clients", type=int, help="number of sites; 1 = centralised baseline on site-All.json (default: 4)")
     fl.add_argument("--num_rounds", type=int, help="FL rounds, >= 2: round 0's metric is never a best model (default: 600; demo: 10)")
     fl.add_argument("--aggregation_epochs", type=int, help="local epochs per round (default: 1)")
-    fl.add_argument("--job_name", help="job folder name (default: brats18_<n_clients>, with _dp appended when DP is on)")
+    fl.add_argument("--job_name", help="job folder name (default: brats18_<n_clients>, with _dp appended for SVT and "
+                                       "_dpsgd for DP-SGD)")
     fl.add_argument("--workspace", default="/tmp/nvflare/simulation",
                     help="simulator workspace root; the job runs in <workspace>/<job_name>, which is wiped at start "
                          "(default: /tmp/nvflare/simulation)")
@@ -90,12 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="clients running at once, 1..n_clients; '--gpu 0 --threads 4' puts 4 clients on one GPU "
                          "(default: n_clients)")
 
-    dp = p.add_argument_group("differential privacy (NVFlare SVTPrivacy on every client's outgoing update)")
-    dp.add_argument("--enable_dp", action="store_true", help="attach the SVT filter to each client's train result")
-    dp.add_argument("--dp_fraction", type=float, default=0.9, help="fraction of the update's values released, in (0, 1] (default: 0.9)")
-    dp.add_argument("--dp_epsilon", type=float, default=0.001, help="SVT threshold+query budget, > 0 (default: 0.001)")
-    dp.add_argument("--dp_noise_var", type=float, default=1.0, help="SVT release-noise control, > 0 (default: 1.0)")
-    dp.add_argument("--dp_gamma", type=float, default=1e-4, help="clipping bound of each value, > 0 (default: 1e-4)")
+    dp = p.add_argument_group(
+        "differential privacy (the spent epsilon of every site and round goes to <job>/server/simulate_job/"
+        "privacy_report.json and TensorBoard tag privacy_epsilon; predict it with `python -m privacy svt|dpsgd`)"
+    )
+    dp.add_argument("--enable_dp", action="store_true", help="protect every client's update (mechanism: --dp_mechanism)")
+    dp.add_argument("--dp_mechanism", choices=privacy.MECHANISMS, default="svt",
+                    help="svt: NVFlare's SVTPrivacy filter on each outgoing weight difference, as in the paper "
+                         "(site-level, pure DP); dpsgd: per-case clipped, noised local training calibrated to "
+                         "--dp_target_epsilon (patient-level) (default: svt)")
+    dp.add_argument("--dp_fraction", type=float, default=0.9, help="SVT: fraction of the update's values released, in (0, 1] (default: 0.9)")
+    dp.add_argument("--dp_epsilon", type=float, default=0.001,
+                    help="SVT: budget of the threshold and query noise only, > 0; releasing the values costs another "
+                         "(released values) x --dp_noise_var per round, see the report (default: 0.001)")
+    dp.add_argument("--dp_noise_var", type=float, default=1.0,
+                    help="SVT: release noise, Laplace scale 2*gamma/noise_var per value and epsilon noise_var per value, > 0 (default: 1.0)")
+    dp.add_argument("--dp_gamma", type=float, default=1e-4, help="SVT: clipping bound of each value (per local step), > 0 (default: 1e-4)")
+    dp.add_argument("--dp_target_epsilon", type=float, default=8.0,
+                    help="DP-SGD: epsilon each training case of each site keeps after all rounds, > 0 (default: 8)")
+    dp.add_argument("--dp_delta", type=float,
+                    help="DP-SGD: delta of that guarantee, in (0, 1) and below 1/(training cases) at every site "
+                         "(default: 0.1 / training cases, per site)")
+    dp.add_argument("--dp_max_grad_norm", type=float, default=1.0,
+                    help="DP-SGD: L2 bound each case's gradient is clipped to, > 0 (default: 1.0)")
 
     return p
 
@@ -110,6 +132,7 @@ class JobInputs:
     demo: bool
     dataset_base_dir: Path
     datalist_dir: Path
+    dpsgd_plans: dict = field(default_factory=dict)  # site name -> privacy.DPSGDPlan, with --dp_mechanism dpsgd
 
 
 def apply_defaults(args: argparse.Namespace) -> bool:
@@ -121,7 +144,8 @@ def apply_defaults(args: argparse.Namespace) -> bool:
     if args.threads is None:
         args.threads = args.n_clients
     if args.job_name is None:
-        args.job_name = f"brats18_{args.n_clients}" + ("_dp" if args.enable_dp else "")
+        suffix = {"svt": "_dp", "dpsgd": "_dpsgd"}[args.dp_mechanism] if args.enable_dp else ""
+        args.job_name = f"brats18_{args.n_clients}{suffix}"
     return demo
 
 
@@ -157,7 +181,12 @@ def check_flags(args: argparse.Namespace) -> None:
             raise InputError(f"--gpu {args.gpu!r}: need comma-separated integer GPU ids, e.g. 0 or 0,1,2,3")
         if len(ids) > args.n_clients:
             raise InputError(f"--gpu {args.gpu}: more GPUs ({len(ids)}) than clients ({args.n_clients})")
-    if args.enable_dp:
+    if args.enable_dp and args.dp_mechanism == "dpsgd":
+        try:
+            privacy.check_dpsgd_values(args.dp_target_epsilon, args.dp_delta, args.dp_max_grad_norm)
+        except privacy.PrivacyConfigError as e:
+            raise InputError(str(e)) from None
+    if args.enable_dp and args.dp_mechanism == "svt":
         if not 0.0 < args.dp_fraction <= 1.0:
             raise InputError(f"--dp_fraction {args.dp_fraction}: need a fraction in (0, 1]")
         for flag in ("dp_epsilon", "dp_noise_var", "dp_gamma"):
@@ -192,6 +221,25 @@ def resolve_data(args: argparse.Namespace, demo: bool) -> tuple[Path, Path]:
     return Path(args.dataset_base_dir), datalist_dir
 
 
+def plan_dpsgd_sites(args: argparse.Namespace, datalist_dir: Path) -> dict:
+    """Calibrate each site's DP-SGD noise now, so a target the accountant cannot reach stops the job before it runs.
+
+    The client repeats the same (deterministic) calibration from its own datalist."""
+    from brats_pipeline import read_datalist
+    from dataset_brats18.datalist import site_datalist_names
+
+    plans = {}
+    for i, name in enumerate(site_datalist_names(args.n_clients), start=1):
+        n_train = len(read_datalist(datalist_dir / f"{name}.json")["training"])
+        try:
+            plans[f"site-{i}"] = privacy.plan_dpsgd(n_train, args.num_rounds, args.aggregation_epochs,
+                                                    args.dp_target_epsilon, args.dp_delta, args.dp_max_grad_norm,
+                                                    site=f"site-{i} ({name}.json)")
+        except privacy.PrivacyConfigError as e:
+            raise InputError(str(e)) from None
+    return plans
+
+
 def client_arguments(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path) -> str:
     """Command line handed to client.py at every site."""
     torch_threads = max(1, (os.cpu_count() or 1) // args.threads)
@@ -207,7 +255,14 @@ def client_arguments(args: argparse.Namespace, dataset_dir: Path, datalist_dir: 
         f"--init_filters {args.init_filters}",
         f"--torch_threads {torch_threads}",
         f"--seed {args.seed}",
+        f"--num_rounds {args.num_rounds}",
     ]
+    if args.enable_dp:
+        parts.append(f"--dp_mechanism {args.dp_mechanism}")
+    if args.enable_dp and args.dp_mechanism == "dpsgd":
+        parts += [f"--dp_target_epsilon {args.dp_target_epsilon}", f"--dp_max_grad_norm {args.dp_max_grad_norm}"]
+        if args.dp_delta is not None:
+            parts.append(f"--dp_delta {args.dp_delta}")
     if args.n_clients == 1:
         parts.append("--centralised")
     if args.no_amp:
@@ -236,12 +291,32 @@ def build_recipe(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path
         params_transfer_type=TransferType.DIFF,
         key_metric=KEY_METRIC,
     )
-    for module in ("brats_pipeline.py", "model.py"):
+    for module in ("brats_pipeline.py", "model.py", "privacy.py", "dpsgd.py"):
         recipe.add_client_file(str(REPO_DIR / module))
     add_experiment_tracking(recipe, "tensorboard")
     if args.enable_dp:
-        add_svt_filter(recipe, args)
+        add_privacy(recipe, args)
     return recipe
+
+
+def add_privacy(recipe, args: argparse.Namespace) -> None:
+    """The chosen mechanism (SVT: a client filter; DP-SGD: lives in client.py) and the server's privacy report."""
+    from privacy_components import PrivacyReportCollector
+
+    if args.dp_mechanism == "svt":
+        add_svt_filter(recipe, args)
+    recipe.add_server_file(str(REPO_DIR / "privacy.py"))
+    recipe.add_server_input_filter(PrivacyReportCollector(args.dp_mechanism, privacy_settings(args)), tasks=["train"])
+
+
+def privacy_settings(args: argparse.Namespace) -> dict:
+    """The flags that fix the guarantee, copied into privacy_report.json."""
+    common = {"num_rounds": args.num_rounds, "aggregation_epochs": args.aggregation_epochs, "n_clients": args.n_clients}
+    if args.dp_mechanism == "svt":
+        svt = privacy.SVTSettings(args.dp_fraction, args.dp_epsilon, args.dp_noise_var, args.dp_gamma)
+        return {**common, **vars(svt)}
+    return {**common, "target_epsilon": args.dp_target_epsilon, "delta": args.dp_delta,
+            "max_grad_norm": args.dp_max_grad_norm, "accountant": privacy.DPSGD_ACCOUNTANT}
 
 
 def add_svt_filter(recipe, args: argparse.Namespace) -> None:
@@ -254,6 +329,8 @@ def add_svt_filter(recipe, args: argparse.Namespace) -> None:
         epsilon=args.dp_epsilon,
         noise_var=args.dp_noise_var,
         gamma=args.dp_gamma,
+        tau=privacy.SVTSettings.tau,
+        replace=privacy.SVTSettings.replace,
         data_kinds=[DataKind.WEIGHT_DIFF],  # the update only: never perturb (or leak through) full weights
     )
     recipe.add_client_output_filter(svt, tasks=["train"])
@@ -278,7 +355,8 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
     demo = apply_defaults(args)
     check_flags(args)
     dataset_dir, datalist_dir = resolve_data(args, demo)
-    return JobInputs(args, demo, dataset_dir, datalist_dir)
+    plans = plan_dpsgd_sites(args, datalist_dir) if args.enable_dp and args.dp_mechanism == "dpsgd" else {}
+    return JobInputs(args, demo, dataset_dir, datalist_dir, plans)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = inputs.args
+    for site, plan in inputs.dpsgd_plans.items():
+        print(f"DP-SGD {site}: {plan.n_train} training cases, sampling rate {plan.sample_rate:.3g}, "
+              f"{plan.total_steps} steps, noise multiplier {plan.noise_multiplier:.4g} for epsilon "
+              f"{plan.target_epsilon} at delta {plan.delta:.3g}", flush=True)
     recipe = build_recipe(args, inputs.dataset_base_dir, inputs.datalist_dir)
     try:
         run(args, recipe)
@@ -302,8 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     except JobResultError as e:
         print(f"error: job {args.job_name} did not finish properly: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
+    if args.enable_dp:
+        try:
+            summary.extra_lines += privacy_summary(summary.paths.privacy_report, args)
+        except (OSError, ValueError) as e:
+            print(summary.render())
+            print(f"error: job {args.job_name}: privacy accounting incomplete: {e}", file=sys.stderr)
+            return EXIT_JOB_FAILED
     print(summary.render())
     return 0
+
+
+def privacy_summary(report_path: Path, args: argparse.Namespace) -> list[str]:
+    """Summary lines of the privacy report; ValueError if any site/round is missing or went out unprotected."""
+    report = privacy.load_report(report_path)
+    privacy.check_report(report, [f"site-{i}" for i in range(1, args.n_clients + 1)], args.num_rounds)
+    return privacy.summary_lines(report, report_path)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class JobPaths:
         return self.server_job_dir / "metrics" / "metrics_summary.json"
 
     @property
+    def privacy_report(self) -> Path:
+        """Written with --enable_dp: every site's spent epsilon per round (see privacy.py)."""
+        return self.server_job_dir / "privacy_report.json"
+
+    @property
     def server_log(self) -> Path:
         return self.job_dir / "server" / "log.txt"
 

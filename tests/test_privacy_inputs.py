@@ -1,0 +1,98 @@
+"""job.py's privacy flags: bad values stop the job before anything runs (exit 2, one line naming the flag)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+import job
+import privacy
+
+TINY = ["--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24", "--num_rounds", "2", "--n_clients", "2"]
+
+
+def base_argv(tiny_federation, workspace) -> list[str]:
+    data_dir, datalist_dir = tiny_federation
+    return ["--dataset_base_dir", str(data_dir), "--datalist_json_path", str(datalist_dir),
+            "--workspace", str(workspace), *TINY]
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--dp_target_epsilon", "0"], "--dp_target_epsilon 0.0: need a finite value > 0"),
+        (["--dp_target_epsilon", "-3"], "--dp_target_epsilon"),
+        (["--dp_delta", "0"], "--dp_delta 0.0: need a value in (0, 1)"),
+        (["--dp_delta", "1"], "--dp_delta"),
+        (["--dp_delta", "0.3"], "delta must be below 1/4"),  # the tiny sites have 4 training cases each
+        (["--dp_max_grad_norm", "0"], "--dp_max_grad_norm 0.0: need a finite value > 0"),
+        (["--dp_max_grad_norm", "-1"], "--dp_max_grad_norm"),
+        (["--dp_target_epsilon", "1e-6", "--dp_delta", "1e-9", "--num_rounds", "100"], "finds no noise level"),
+    ],
+)
+def test_bad_dpsgd_values_are_stopped_before_anything_runs(capsys, tiny_federation, tmp_path, flags, pattern):
+    workspace = tmp_path / "ws"
+    code = job.main(base_argv(tiny_federation, workspace) + ["--enable_dp", "--dp_mechanism", "dpsgd", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == job.EXIT_BAD_INPUT
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert pattern in err, err
+    assert not workspace.exists()
+
+
+def test_svt_flags_are_still_checked_and_dpsgd_flags_ignored_under_svt(capsys, tiny_federation, tmp_path):
+    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_noise_var", "0"]
+    assert job.main(argv) == job.EXIT_BAD_INPUT
+    assert "--dp_noise_var" in capsys.readouterr().err
+    inputs = job.prepare(base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_target_epsilon", "-1"])
+    assert inputs.args.dp_mechanism == "svt" and inputs.dpsgd_plans == {}
+
+
+def test_dpsgd_plans_every_site_before_the_job_and_hands_the_flags_to_the_clients(tiny_federation, tmp_path):
+    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_mechanism", "dpsgd",
+                                                         "--dp_target_epsilon", "4", "--dp_max_grad_norm", "0.5"]
+    inputs = job.prepare(argv)
+    assert inputs.args.job_name == "brats18_2_dpsgd"
+    assert sorted(inputs.dpsgd_plans) == ["site-1", "site-2"]
+    expected = privacy.plan_dpsgd(4, 2, 1, 4.0, None, 0.5)
+    assert inputs.dpsgd_plans["site-1"] == expected
+    client = shlex.split(job.client_arguments(inputs.args, inputs.dataset_base_dir, inputs.datalist_dir))
+    for flag, value in (("--dp_mechanism", "dpsgd"), ("--dp_target_epsilon", "4.0"), ("--dp_max_grad_norm", "0.5"),
+                        ("--num_rounds", "2")):
+        assert client[client.index(flag) + 1] == value
+    assert "--dp_delta" not in client  # the client derives the same per-site default
+
+
+def test_job_names_per_mechanism():
+    def name(*argv):
+        args = job.build_parser().parse_args(list(argv))
+        job.apply_defaults(args)
+        return args.job_name
+
+    assert name("--n_clients", "4", "--enable_dp") == "brats18_4_dp"
+    assert name("--n_clients", "4", "--enable_dp", "--dp_mechanism", "svt") == "brats18_4_dp"
+    assert name("--n_clients", "4", "--enable_dp", "--dp_mechanism", "dpsgd") == "brats18_4_dpsgd"
+    assert name("--n_clients", "4", "--dp_mechanism", "dpsgd") == "brats18_4"  # without --enable_dp: no DP
+
+
+def test_client_understands_every_privacy_flag_the_job_sends(tiny_federation, tmp_path):
+    import client
+
+    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_mechanism", "dpsgd", "--dp_delta", "0.01"]
+    inputs = job.prepare(argv)
+    args = client.parse_args(shlex.split(job.client_arguments(inputs.args, inputs.dataset_base_dir,
+                                                              inputs.datalist_dir)))
+    assert (args.dp_mechanism, args.dp_delta, args.num_rounds) == ("dpsgd", 0.01, 2)
+
+
+def test_svt_noise_generator_is_reseeded_from_the_os():
+    import numpy as np
+
+    import client
+
+    np.random.seed(0)
+    seeded = np.random.laplace(size=4)
+    np.random.seed(0)
+    client.keep_dp_noise_secret()
+    assert not np.array_equal(np.random.laplace(size=4), seeded)
