@@ -8,13 +8,14 @@ Each model (a job's best_FL_global_model.pt, or any checkpoint of BratsSegResNet
 pipeline (brats_pipeline: transforms, sliding-window inference, thresholds) on GPU when present, else CPU. Reported
 per region TC, WT, ET, with the BraTS conventions (result_stat/brats_metrics.py): Dice and HD95 in mm; a region
 empty in both prediction and truth scores Dice 1 / HD95 0, empty in exactly one scores Dice 0 / HD95 = the image
-diagonal (373.13 mm for BraTS volumes). Overall Dice = mean of the three regions. These are scored on the
-prediction as a BraTS label map holds it (ET inside TC inside WT), so they are what the BraTS evaluator would give
-for the label maps --save_predictions writes.
+diagonal (373.13 mm for BraTS volumes). Overall Dice = mean of the three regions. Like the paper's pipeline and
+the training-time validation, the network's three output channels are scored as they are; with
+--score_label_maps the regions of the label map instead (ET inside TC inside WT, as --save_predictions writes it and
+the BraTS evaluator reads it), which differs when the channels are not nested.
 
-The Dice that training logs (val_dice) uses another rule: it scores the network's raw TC/WT/ET channels and leaves
-a region absent from a case's truth out of that region's mean. It is recomputed too (column "Re-evaluated
-val_dice"), so the saved best model can be checked against the value the job logged for its best round.
+The Dice that training logs (val_dice) differs in one rule only: a region absent from a case's truth is left out
+of that region's mean. It is recomputed too (column "Re-evaluated val_dice"), so the saved best model can be checked
+against the value the job logged for its best round.
 
 Outputs in --output_dir: per_case.csv (one row per model and case), summary.md (the tables printed at the end) and,
 with --save_predictions, predictions/<configuration>/<case_id>.nii.gz: label maps in BraTS values {0, 1, 2, 4}
@@ -107,7 +108,10 @@ def job_client_args(model_path: Path) -> dict:
     config_path = model_path.parent / CLIENT_CONFIG
     if not config_path.is_file():
         return {}
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationInputError(f"job config {config_path} is not valid JSON ({e}); give the data flags") from None
     script_args = ""
     for executor in config.get("executors", []):
         script_args = executor.get("executor", {}).get("args", {}).get("task_script_args", script_args)
@@ -115,9 +119,8 @@ def job_client_args(model_path: Path) -> dict:
     parser.add_argument("--dataset_base_dir")
     parser.add_argument("--datalist_json_path")
     parser.add_argument("--infer_roi_size", type=int, nargs=3)
-    parser.add_argument("--centralised", action="store_true")
     known, _ = parser.parse_known_args(shlex.split(script_args))
-    return {k: v for k, v in vars(known).items() if v not in (None, False)}
+    return {k: v for k, v in vars(known).items() if v is not None}
 
 
 def datalist_file(path: Path) -> Path:
@@ -142,7 +145,7 @@ def job_paths_of(model_path: Path) -> JobPaths | None:
 def parse_model_flag(value: str) -> tuple[str, Path]:
     """'LABEL=PATH' or 'PATH' (label: the job folder name for a simulator workspace path, else the file stem)."""
     label, sep, path = value.partition("=")
-    if not sep:
+    if not sep or Path(value).is_file():  # a bare path, possibly with '=' in it
         path, label = value, ""
     model_path = Path(path)
     if not label:
@@ -306,9 +309,11 @@ def evaluate_model(
     prediction_dir: Path | None = None,
     log=print,
     case_ids: set[str] | None = None,
+    score_label_maps: bool = False,
 ) -> ModelResult:
     """Run the clients' validation pipeline on every validation case (or those named in case_ids) and score it
-    both ways."""
+    both ways. BraTS metrics score the network's TC/WT/ET channels, or with score_label_maps the regions of the
+    label map written for the case (nested, see nested_regions)."""
     from monai.data import decollate_batch
 
     datalist = bp.read_datalist(spec.datalist_path)
@@ -326,7 +331,9 @@ def evaluate_model(
         for b, item in enumerate(items):
             label = item["label"]
             truth = np.asarray(label.detach().cpu()) > 0.5
-            pred = nested_regions(np.asarray(prediction[b].detach().cpu()) > 0.5, et_label)
+            pred = np.asarray(prediction[b].detach().cpu()) > 0.5
+            if score_label_maps:
+                pred = nested_regions(pred, et_label)
             case = CaseResult(
                 case_id=case_id_of(label.meta.get("filename_or_obj", f"case{len(result.cases)}")),
                 scores=bm.region_scores(pred, truth, spacing_of(label), bp.REGIONS),
@@ -382,15 +389,16 @@ def check_row(result: ModelResult) -> list[str]:
     ]
 
 
-def render_summary(results: list[ModelResult]) -> str:
+def render_summary(results: list[ModelResult], score_label_maps: bool = False) -> str:
     main_table = markdown_table(SUMMARY_COLUMNS, [summary_row(r) for r in results])
     check_table = markdown_table(
         ("Configuration", "Cases", "Best round", "Logged val_dice", "Re-evaluated val_dice"),
         [check_row(r) for r in results],
     )
     return (
-        "Validation results, BraTS conventions (mean over cases; empty region in prediction and truth: Dice 1, "
-        "HD95 0; in one only: Dice 0, HD95 = image diagonal):\n\n"
+        f"Validation results of the {'label maps (nested regions)' if score_label_maps else 'network channels'}, "
+        "BraTS conventions (mean over cases; empty region in prediction and truth: Dice 1, HD95 0; in one only: "
+        "Dice 0, HD95 = image diagonal):\n\n"
         f"{main_table}\n\n"
         "Training-time rule (regions absent from a case's truth left out), to compare with the job's log:\n\n"
         f"{check_table}\n"
@@ -446,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: <workspace>/evaluation)")
     out.add_argument("--save_predictions", action="store_true",
                      help="also write each case's predicted label map as NIfTI (BraTS label values, input's affine)")
+    out.add_argument("--score_label_maps", action="store_true",
+                     help="score the label maps' nested regions (ET in TC in WT) instead of the network's channels: "
+                          "what the BraTS evaluator gives for the --save_predictions files")
     return p
 
 
@@ -483,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Evaluating {spec.label}: {spec.model_path} on the validation cases of {spec.datalist_path} "
               f"({device.type}, window {'x'.join(map(str, spec.infer_roi_size))})", flush=True)  # fmt: skip
         prediction_dir = output_dir / "predictions" / spec.label if args.save_predictions else None
-        results.append(evaluate_model(model, spec, device, use_amp, prediction_dir))
-    summary = render_summary(results)
+        results.append(evaluate_model(model, spec, device, use_amp, prediction_dir,
+                                      score_label_maps=args.score_label_maps))  # fmt: skip
+    summary = render_summary(results, args.score_label_maps)
     write_per_case_csv(results, output_dir / "per_case.csv")
     (output_dir / "summary.md").write_text(summary)
     print()

@@ -156,6 +156,11 @@ def test_saved_best_model_reproduces_the_logged_best_val_dice(tiny_job):
 
     for key in ("val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"):
         assert recomputed[key] == pytest.approx(logged[best][key], abs=TOLERANCE), key
+    # both rules score the same channels: they agree wherever the truth has the region
+    for case in result.cases:
+        for i, region in enumerate(bp.REGIONS):
+            if not np.isnan(case.training_rule_dice[i]):
+                assert case.scores[f"dice_{region}"] == pytest.approx(case.training_rule_dice[i], abs=1e-9)
     # an off-by-one (the model of another round saved as best) would match that round's value instead
     for r, metrics in logged.items():
         if r != best:
@@ -183,7 +188,8 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
     out = tmp_path / "eval"
     done = subprocess.run(
         [sys.executable, str(REPO_DIR / "result_stat" / "evaluate.py"), "--workspace", str(tiny_job.workspace_root),
-         "--jobs", tiny_job.job_name, "--output_dir", str(out), "--save_predictions", "--device", "cpu"],
+         "--jobs", tiny_job.job_name, "--output_dir", str(out), "--save_predictions", "--score_label_maps",
+         "--device", "cpu"],
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -193,7 +199,7 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
     for row in rows:
         regions = [float(row[f"dice_{r}"]) for r in ("tc", "wt", "et")]
         assert float(row["dice_overall"]) == pytest.approx(np.mean(regions), abs=1e-6)
-        # the written label map holds exactly the prediction that was scored
+        # with --score_label_maps, the written label map holds exactly the prediction that was scored
         case_dir = next(dataset_dir.glob(f"training/*/{row['case_id']}"))
         truth = bp.labels_to_regions(np.asarray(nib.load(case_dir / f"{row['case_id']}_seg.nii.gz").dataobj))
         predicted_file = out / "predictions" / tiny_job.job_name / f"{row['case_id']}.nii.gz"
