@@ -10,7 +10,8 @@ in one colour each (WT green, TC yellow, ET red): ground truth solid, prediction
 image's right, superior and anterior up), with the voxel aspect ratio honoured.
 
 The prediction comes from --job / --model (the case is run through the clients' pipeline, as result_stat.evaluate
-does) or from a label map that ``result_stat.evaluate --save_predictions`` wrote (--prediction). Writes a PNG
+does) or from a label map that ``result_stat.evaluate --save_predictions`` wrote (--prediction). Either way the
+outlines are the regions of the predicted label map (ET inside TC inside WT). Writes a PNG
 (matplotlib's Agg backend: nothing is shown on screen).
 """
 
@@ -151,10 +152,11 @@ def find_entry(datalist_path: Path, case_id: str | None) -> dict:
 
 
 def predict_case(spec: ev.ModelSpec, case_id: str, device, work_dir: Path) -> Path:
-    """Run the model on one case through result_stat.evaluate; returns the label map it wrote."""
+    """Run the model on one case through result_stat.evaluate; returns the label map it wrote (the scores it
+    prints are those of that label map, which is what the picture shows)."""
     model = ev.load_model(spec.model_path, device)
     result = ev.evaluate_model(model, spec, device, use_amp=device.type == "cuda", prediction_dir=work_dir,
-                               case_ids={case_id})  # fmt: skip
+                               case_ids={case_id}, score_label_maps=True)  # fmt: skip
     if not result.cases:
         raise CaseInputError(f"--case {case_id} is not a validation case of {spec.datalist_path}")
     return result.cases[0].prediction_file
