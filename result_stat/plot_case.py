@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                       help="where --job/--model inference runs (default: auto = CUDA when available)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", help="PNG file to write (default: figs/case_<case id>.png)")
+    out.add_argument("--out", help="PNG file to write, folders created (default: figs/case_<case id>.png in the "
+                                   "current folder)")
     out.add_argument("--title", help="figure title (default: case id and where the prediction came from)")
     return p
 
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> tuple[Path, str]:
     images, truth, predicted, spacing = load_case(spec.dataset_base_dir, entry, prediction_file, et_label)
     title = args.title or f"{case_id}: ground truth vs {spec.label} prediction"
     fig, _ = draw_case(images, truth, predicted, spacing, title)
-    out = Path(args.out) if args.out else REPO_DIR / "figs" / f"case_{case_id}.png"
+    out = Path(args.out) if args.out else Path("figs") / f"case_{case_id}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     plt.close(fig)
