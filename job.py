@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SVT: release noise, Laplace scale 2*gamma/noise_var per value and epsilon noise_var per value, > 0 (default: 1.0)")
     dp.add_argument("--dp_gamma", type=float, default=1e-4, help="SVT: clipping bound of each value (per local step), > 0 (default: 1e-4)")
     dp.add_argument("--dp_target_epsilon", type=float, default=8.0,
-                    help="DP-SGD: epsilon each training case of each site keeps after all rounds, > 0 (default: 8)")
+                    help="DP-SGD: epsilon protecting each training case of each site after all rounds, > 0 (default: 8)")
     dp.add_argument("--dp_delta", type=float,
                     help="DP-SGD: delta of that guarantee, in (0, 1) and below 1/(training cases) at every site "
                          "(default: 0.1 / training cases, per site)")
