@@ -27,6 +27,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
 
 import brats_pipeline as bp
+import dpsgd
 import privacy
 from model import BratsSegResNet
 
@@ -84,6 +85,18 @@ def keep_dp_noise_secret() -> None:
     np.random.seed(None)
 
 
+def setup_dpsgd(args: argparse.Namespace, site_name: str, train_ds, optimizer):
+    """The same calibration job.py made before the run, a Poisson-sampling loader and the clipping/noising optimizer
+    (sampling and noise from secret generators)."""
+    plan = privacy.plan_dpsgd(len(train_ds), args.num_rounds, args.aggregation_epochs, args.dp_target_epsilon,
+                              args.dp_delta, args.dp_max_grad_norm, site=site_name)
+    secret = dpsgd.secret_generator()
+    loader = dpsgd.poisson_loader(train_ds, plan, secret, num_workers=args.num_workers)
+    print(f"[{site_name}] DP-SGD: noise multiplier {plan.noise_multiplier:.4g}, sampling rate {plan.sample_rate:.3g}, "
+          f"{plan.steps_per_round} steps per round, delta {plan.delta:.3g}", flush=True)
+    return plan, loader, dpsgd.make_dp_optimizer(optimizer, plan, secret)
+
+
 def train_one_round(model, global_model, loader, optimizer, loss_fn, fedprox, epochs, device, scaler) -> tuple[int, float]:
     """Local training; returns (number of optimiser steps, mean loss)."""
     model.train()
@@ -134,16 +147,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
     plan = None
     if args.dp_mechanism == "dpsgd":
-        import dpsgd
-
-        plan = privacy.plan_dpsgd(len(train_ds), args.num_rounds, args.aggregation_epochs, args.dp_target_epsilon,
-                                  args.dp_delta, args.dp_max_grad_norm, site=site_name)
-        secret = dpsgd.secret_generator()
-        train_loader = dpsgd.poisson_loader(train_ds, plan, secret, num_workers=args.num_workers)
-        optimizer = dpsgd.make_dp_optimizer(optimizer, plan, secret)
+        plan, train_loader, optimizer = setup_dpsgd(args, site_name, train_ds, optimizer)
         use_amp = False  # per-case gradients are taken in full precision
-        print(f"[{site_name}] DP-SGD: noise multiplier {plan.noise_multiplier:.4g}, sampling rate "
-              f"{plan.sample_rate:.3g}, {plan.steps_per_round} steps per round, delta {plan.delta:.3g}", flush=True)
     loss_fn = bp.make_loss()
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     fedprox = None

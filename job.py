@@ -99,20 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
         "differential privacy (the spent epsilon of every site and round goes to <job>/server/simulate_job/"
         "privacy_report.json and TensorBoard tag privacy_epsilon; predict it with `python -m privacy svt|dpsgd`)"
     )
-    dp.add_argument("--enable_dp", action="store_true", help="protect every client's update (mechanism: --dp_mechanism)")
+    dp.add_argument("--enable_dp", action="store_true",
+                    help="protect every client's update (mechanism: --dp_mechanism)")
     dp.add_argument("--dp_mechanism", choices=privacy.MECHANISMS, default="svt",
                     help="svt: NVFlare's SVTPrivacy filter on each outgoing weight difference, as in the paper "
                          "(site-level, pure DP); dpsgd: per-case clipped, noised local training calibrated to "
                          "--dp_target_epsilon (patient-level) (default: svt)")
-    dp.add_argument("--dp_fraction", type=float, default=0.9, help="SVT: fraction of the update's values released, in (0, 1] (default: 0.9)")
+    dp.add_argument("--dp_fraction", type=float, default=0.9,
+                    help="SVT: fraction of the update's values released, in (0, 1] (default: 0.9)")
     dp.add_argument("--dp_epsilon", type=float, default=0.001,
                     help="SVT: budget of the threshold and query noise only, > 0; releasing the values costs another "
                          "(released values) x --dp_noise_var per round, see the report (default: 0.001)")
     dp.add_argument("--dp_noise_var", type=float, default=1.0,
-                    help="SVT: release noise, Laplace scale 2*gamma/noise_var per value and epsilon noise_var per value, > 0 (default: 1.0)")
-    dp.add_argument("--dp_gamma", type=float, default=1e-4, help="SVT: clipping bound of each value (per local step), > 0 (default: 1e-4)")
+                    help="SVT: release noise, Laplace scale 2*gamma/noise_var per value and epsilon noise_var per "
+                         "value, > 0 (default: 1.0)")
+    dp.add_argument("--dp_gamma", type=float, default=1e-4,
+                    help="SVT: clipping bound of each value (per local step), > 0 (default: 1e-4)")
     dp.add_argument("--dp_target_epsilon", type=float, default=8.0,
-                    help="DP-SGD: epsilon protecting each training case of each site after all rounds, > 0 (default: 8)")
+                    help="DP-SGD: epsilon protecting each training case of each site after all rounds, > 0 "
+                         "(default: 8)")
     dp.add_argument("--dp_delta", type=float,
                     help="DP-SGD: delta of that guarantee, in (0, 1) and below 1/(training cases) at every site "
                          "(default: 0.1 / training cases, per site)")

@@ -226,6 +226,8 @@ def plan_dpsgd(n_train: int, num_rounds: int, epochs_per_round: int, target_epsi
     from opacus.accountants.utils import get_noise_multiplier
 
     check_dpsgd_values(target_epsilon, delta, max_grad_norm)
+    if num_rounds < 1 or epochs_per_round < 1:
+        raise PrivacyConfigError(f"--num_rounds {num_rounds} / --aggregation_epochs {epochs_per_round}: need >= 1 each")
     if n_train < 2:
         raise PrivacyConfigError(
             f"{site} has {n_train} training case(s): DP-SGD samples each case with probability 1/n per step and "
@@ -464,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
           f"steps/round x {plan.num_rounds} rounds = {plan.total_steps} steps, delta {plan.delta:.3g}, "
           f"noise multiplier {plan.noise_multiplier:.4f} (noise sd {plan.noise_multiplier * plan.max_grad_norm:.4g} "
           f"on the summed clipped gradients)")
-    shown = sorted({0, 1, plan.num_rounds // 4, plan.num_rounds // 2, plan.num_rounds - 1} & set(range(plan.num_rounds)))
+    last = plan.num_rounds - 1
+    shown = sorted({r for r in (0, 1, plan.num_rounds // 4, plan.num_rounds // 2, last) if 0 <= r <= last})
     for r in shown:
         print(f"  after round {r:>4}: epsilon {dpsgd_round_record(plan, r)['epsilon']:.4f}")
     return 0

@@ -223,6 +223,7 @@ def test_epsilon_recomputed_from_the_round_equals_a_running_accountant():
         ({"delta": 0.2}, "--dp_delta"),  # not below 1/8
         ({"max_grad_norm": 0.0}, "--dp_max_grad_norm"),
         ({"n_train": 1}, "training case"),
+        ({"num_rounds": 0}, "--num_rounds 0"),
         ({"target_epsilon": 1e-6, "delta": 1e-9, "num_rounds": 100}, "finds no noise level"),
     ],
 )
@@ -238,8 +239,8 @@ def test_plans_the_accountant_cannot_cover_are_refused(kwargs, flag):
 # ---------------------------------------------------------------------------------------------------------------
 def svt_meta(total: float, passes: int = 3) -> dict:
     return {privacy.SVT_BUDGET_META: {"epsilon_total": total, "epsilon_threshold": 1e-8, "epsilon_query": 1e-3,
-                                      "epsilon_release": total - 1e-3 - 1e-8, "n_upload": 9, "acceptance_passes": passes,
-                                      "delta": 0.0, "round": 0},
+                                      "epsilon_release": total - 1e-3 - 1e-8, "n_upload": 9,
+                                      "acceptance_passes": passes, "delta": 0.0, "round": 0},
             privacy.SVT_ACCOUNTANT_META: {"epsilon_total": total}}
 
 

@@ -79,7 +79,8 @@ def test_job_names_per_mechanism():
 def test_client_understands_every_privacy_flag_the_job_sends(tiny_federation, tmp_path):
     import client
 
-    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_mechanism", "dpsgd", "--dp_delta", "0.01"]
+    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_mechanism", "dpsgd",
+                                                         "--dp_delta", "0.01"]
     inputs = job.prepare(argv)
     args = client.parse_args(shlex.split(job.client_arguments(inputs.args, inputs.dataset_base_dir,
                                                               inputs.datalist_dir)))
