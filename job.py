@@ -281,14 +281,11 @@ def build_recipe(args: argparse.Namespace, dataset_dir: Path, datalist_dir: Path
     from nvflare.client.config import TransferType
     from nvflare.recipe.utils import add_experiment_tracking
 
-    import torch
-
     from model import BratsSegResNet
 
-    torch.manual_seed(args.seed)  # the server's initial weights
     recipe = FedAvgRecipe(
         name=args.job_name,
-        model=BratsSegResNet(init_filters=args.init_filters),
+        model=BratsSegResNet(init_filters=args.init_filters, init_seed=args.seed),  # rebuilt as is on the server
         min_clients=args.n_clients,
         num_rounds=args.num_rounds,
         train_script=str(REPO_DIR / "client.py"),

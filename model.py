@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from monai.networks.nets import SegResNet
 
 
@@ -11,6 +12,10 @@ class BratsSegResNet(SegResNet):
     NVFlare's job exporter rebuilds the server-side model from the attributes of the instance handed to the recipe.
     MONAI's ``SegResNet`` does not keep ``out_channels`` (among others), so a bare instance would silently be rebuilt
     with MONAI's defaults (2 output channels). Storing the arguments makes the exported job build the identical model.
+
+    ``init_seed`` makes the initial weights reproducible without touching the caller's random state: the server
+    builds its own instance from the exported arguments, so seeding the process that builds the recipe would not
+    reach the weights the federation actually starts from.
     """
 
     def __init__(
@@ -22,18 +27,22 @@ class BratsSegResNet(SegResNet):
         dropout_prob: float = 0.2,
         blocks_down: tuple[int, ...] = (1, 2, 2, 4),
         blocks_up: tuple[int, ...] = (1, 1, 1),
+        init_seed: int | None = None,
     ) -> None:
         blocks_down = tuple(int(b) for b in blocks_down)
         blocks_up = tuple(int(b) for b in blocks_up)
-        super().__init__(
-            spatial_dims=spatial_dims,
-            init_filters=init_filters,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            dropout_prob=dropout_prob,
-            blocks_down=blocks_down,
-            blocks_up=blocks_up,
-        )
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            super().__init__(
+                spatial_dims=spatial_dims,
+                init_filters=init_filters,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                dropout_prob=dropout_prob,
+                blocks_down=blocks_down,
+                blocks_up=blocks_up,
+            )
         # SegResNet already stores some of these; set them all so the set is complete whatever MONAI keeps.
         self.spatial_dims = spatial_dims
         self.init_filters = init_filters
@@ -42,6 +51,7 @@ class BratsSegResNet(SegResNet):
         self.dropout_prob = dropout_prob
         self.blocks_down = blocks_down
         self.blocks_up = blocks_up
+        self.init_seed = init_seed
 
 
 def count_parameters(model) -> int:

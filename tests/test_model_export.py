@@ -51,6 +51,19 @@ def test_exported_job_rebuilds_a_3_output_model_of_the_same_size(tmp_path, init_
         assert tuple(server_model.eval()(torch.zeros(1, 4, 16, 16, 16)).shape) == (1, 3, 16, 16, 16)
 
 
+def test_server_rebuilds_the_same_seeded_initial_weights(tmp_path):
+    app_dir = export_job(tmp_path, "--seed", "7", "--init_filters", "8")
+    server_model = rebuild_server_model(app_dir)
+    torch.manual_seed(123)  # the caller's random state must not matter, nor be changed
+    state_before = torch.random.get_rng_state()
+    same_seed = BratsSegResNet(init_filters=8, init_seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state_before)
+    other_seed = BratsSegResNet(init_filters=8, init_seed=8)
+    for key, value in server_model.state_dict().items():
+        assert torch.equal(value, same_seed.state_dict()[key]), key
+    assert any(not torch.equal(v, other_seed.state_dict()[k]) for k, v in server_model.state_dict().items())
+
+
 def test_exported_client_app_carries_the_shared_pipeline(tmp_path):
     custom = {p.name for p in (export_job(tmp_path) / "custom").iterdir()}
     assert {"client.py", "brats_pipeline.py", "model.py"} <= custom
