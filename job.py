@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sliding-window size for validation, multiples of 8 (default: 240 240 160; demo: 64 64 48)")
     tr.add_argument("--init_filters", type=int, default=16, help="SegResNet base width (default: 16)")
     tr.add_argument("--no_amp", action="store_true", help="turn mixed precision off on CUDA (on by default there)")
-    tr.add_argument("--seed", type=int, default=0, help="base random seed of the clients (default: 0)")
+    tr.add_argument("--seed", type=int, default=0,
+                    help="seed of the initial weights and of the clients' sampling and augmentation (default: 0)")
 
     data = p.add_argument_group("data (leave both out to run the synthetic demo)")
     data.add_argument("--dataset_base_dir", help="folder holding the BraTS training/ tree that datalist paths are relative to")
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--threads", type=int,
                     help="clients running at once, 1..n_clients; '--gpu 0 --threads 4' puts 4 clients on one GPU "
                          "(default: n_clients)")
+    hw.add_argument("--num_workers", type=int, default=0,
+                    help="data-loading worker processes per client; >0 overlaps NIfTI loading with GPU work "
+                         "(default: 0, load in the client's own process)")
 
     dp = p.add_argument_group(
         "differential privacy (the spent epsilon of every site and round goes to <job>/server/simulate_job/"
@@ -180,6 +184,8 @@ def check_flags(args: argparse.Namespace) -> None:
             raise InputError(str(e)) from None
     if not 1 <= args.threads <= args.n_clients:
         raise InputError(f"--threads {args.threads}: need 1 <= threads <= --n_clients ({args.n_clients})")
+    if args.num_workers < 0:
+        raise InputError(f"--num_workers {args.num_workers}: need >= 0")
     if args.gpu is not None:
         ids = args.gpu.split(",")
         if not all(i.strip().isdigit() for i in ids):
@@ -259,6 +265,7 @@ def client_arguments(args: argparse.Namespace, dataset_dir: Path, datalist_dir: 
         f"--infer_roi_size {' '.join(map(str, args.infer_roi_size))}",
         f"--init_filters {args.init_filters}",
         f"--torch_threads {torch_threads}",
+        f"--num_workers {args.num_workers}",
         f"--seed {args.seed}",
         f"--num_rounds {args.num_rounds}",
     ]
@@ -370,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = inputs.args
+    warn_if_gpu_unusable(args)
     for site, plan in inputs.dpsgd_plans.items():
         print(f"DP-SGD {site}: {plan.n_train} training cases, sampling rate {plan.sample_rate:.3g}, "
               f"{plan.total_steps} steps, noise multiplier {plan.noise_multiplier:.4g} for epsilon "
@@ -395,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_JOB_FAILED
     print(summary.render())
     return 0
+
+
+def warn_if_gpu_unusable(args: argparse.Namespace) -> None:
+    """--gpu on a machine where torch sees no CUDA device still runs, on the CPU: say so rather than surprise."""
+    import torch
+
+    if args.gpu is not None and not torch.cuda.is_available():
+        print(f"warning: --gpu {args.gpu} given but torch sees no CUDA device here; the clients will train on the CPU",
+              file=sys.stderr, flush=True)
 
 
 def privacy_summary(report_path: Path, args: argparse.Namespace) -> list[str]:

@@ -124,6 +124,7 @@ def test_unreadable_nifti(capsys, dataset):
         (["--cache_dataset", "2"], "--cache_dataset"),
         (["--learning_rate", "0"], "--learning_rate"),
         (["--init_filters", "12"], "--init_filters"),
+        (["--num_workers", "-1"], "--num_workers"),
     ],
 )
 def test_bad_flag_values(capsys, dataset, flags, pattern):
