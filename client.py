@@ -117,6 +117,14 @@ def train_one_round(model, global_model, loader, optimizer, loss_fn, fedprox, ep
     return steps, loss_sum / max(steps, 1)
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A gradient-free snapshot of the received global model."""
+    snapshot = copy.deepcopy(model).eval()
+    for p in snapshot.parameters():
+        p.requires_grad_(False)
+    return snapshot
+
+
 def log_round(writer: SummaryWriter, round_num: int, metrics: dict[str, float], train_loss: float, steps: int) -> None:
     """TensorBoard scalars, one point per round (global step = FL round)."""
     for key, value in metrics.items():
@@ -165,10 +173,7 @@ def main() -> None:
         round_num = input_model.current_round
         model.load_state_dict(input_model.params)
         metrics = bp.evaluate_dice(model, val_loader, device, args.infer_roi_size, use_amp=use_amp)
-        global_model = copy.deepcopy(model).eval() if fedprox is not None else None
-        if global_model is not None:
-            for p in global_model.parameters():
-                p.requires_grad_(False)
+        global_model = frozen_copy(model) if fedprox is not None else None  # FedProx pulls towards it
 
         started = time.perf_counter()
         meta = {}

@@ -64,7 +64,9 @@ def assert_complete_job(args, n_sites: int):
 
 def test_federated_two_clients_without_dp(tiny_federation, tmp_path):
     data_dir, datalist_dir = tiny_federation
-    args = run_recorded(tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2"), tmp_path / "rec")
+    # FedProx on: its proximal term runs inside the clients' training loop (mu small enough not to matter here)
+    argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--fedproxloss_mu", "0.01")
+    args = run_recorded(argv, tmp_path / "rec")
     assert args.job_name == "brats18_2"
     assert_complete_job(args, 2)
     for site in ("site-1", "site-2"):
