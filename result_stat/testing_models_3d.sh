@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate the best models of the paper's three configurations in one table:
-#   brats18_1 (centralised), brats18_4 (FedAvg, 4 sites), brats18_4_dp (FedAvg + SVT differential privacy).
+#   brats18_1 (centralised), brats18_4 (FedAvg, 4 sites), brats18_4_dp (FedAvg + SVT differential privacy),
+#   brats18_4_dpsgd (FedAvg + patient-level DP-SGD).
 # Jobs that were not run (no best_FL_global_model.pt) are skipped with a message.
 set -euo pipefail
 
@@ -8,7 +9,7 @@ usage() {
     cat <<'EOF'
 Usage: result_stat/testing_models_3d.sh [-w WORKSPACE] [-d DATASET_BASE_DIR] [-l DATALIST] [-o OUTPUT_DIR] [-- EXTRA...]
 
-Evaluates <WORKSPACE>/{brats18_1,brats18_4,brats18_4_dp}/server/simulate_job/app_server/best_FL_global_model.pt
+Evaluates <WORKSPACE>/{brats18_1,brats18_4,brats18_4_dp,brats18_4_dpsgd}/server/simulate_job/app_server/best_FL_global_model.pt
 on the validation cases with python -m result_stat.evaluate and prints the results table.
 
   -w, --workspace DIR         simulator workspace root (env BRATS_WORKSPACE; default /tmp/nvflare/simulation)
@@ -53,7 +54,7 @@ if [[ ! -d "$workspace" ]]; then
 fi
 
 jobs=()
-for job in brats18_1 brats18_4 brats18_4_dp; do
+for job in brats18_1 brats18_4 brats18_4_dp brats18_4_dpsgd; do
     model="$workspace/$job/server/simulate_job/app_server/best_FL_global_model.pt"
     if [[ -f "$model" ]]; then
         jobs+=("$job")
@@ -62,7 +63,7 @@ for job in brats18_1 brats18_4 brats18_4_dp; do
     fi
 done
 if [[ ${#jobs[@]} -eq 0 ]]; then
-    echo "error: none of brats18_1, brats18_4, brats18_4_dp has a best model under $workspace; run job.py first" >&2
+    echo "error: none of brats18_1, brats18_4, brats18_4_dp, brats18_4_dpsgd has a best model under $workspace; run job.py first" >&2
     exit 2
 fi
 

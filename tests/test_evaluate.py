@@ -242,6 +242,7 @@ def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "skipping brats18_1: not run" in done.stdout
     assert "skipping brats18_4_dp: not run" in done.stdout
+    assert "skipping brats18_4_dpsgd: not run" in done.stdout
     assert f"| {tiny_job.job_name} | " in done.stdout
     assert (tmp_path / "per_case.csv").is_file()
 
