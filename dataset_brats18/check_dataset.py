@@ -29,7 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_pipeline import REGIONS, region_label_sets
+from brats_pipeline import ET_LABEL_BRATS2017, REGIONS, region_label_sets
 from dataset_brats18.datalist import MODALITY_ORDER, DatalistError, entry_files, load_datalist
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -65,7 +65,9 @@ def case_name(entry: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------------------------
-def check_case(entry: dict, base_dir: str | Path, et_label: int = 4, read_images: bool = True) -> CaseCheck:
+def check_case(
+    entry: dict, base_dir: str | Path, et_label: int = ET_LABEL_BRATS2017, read_images: bool = True
+) -> CaseCheck:
     """Every check of one case (see the module docstring); never raises for a bad file, it reports it."""
     start = time.perf_counter()
     result = CaseCheck(case_name(entry))

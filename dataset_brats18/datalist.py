@@ -14,7 +14,8 @@ from pathlib import Path
 
 import nibabel as nib
 
-MODALITY_ORDER = ("t1ce", "t1", "t2", "flair")
+from brats_pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
+from brats_pipeline import MODALITIES as MODALITY_ORDER  # one channel order for the pipeline and the datalists
 REQUIRED_KEYS = ("training", "validation")
 MAX_NAMED = 3  # how many offending files an error line names
 
@@ -37,7 +38,9 @@ def brats18_case_entry(case_id: str, grade: str) -> dict:
     }
 
 
-def write_datalist(path: str | Path, training: list[dict], validation: list[dict], et_label: int = 4) -> None:
+def write_datalist(
+    path: str | Path, training: list[dict], validation: list[dict], et_label: int = ET_LABEL_BRATS2017
+) -> None:
     """Write one datalist JSON with a stable layout (sorted keys, 2-space indent, trailing newline)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +73,8 @@ def load_datalist(path: str | Path) -> dict:
                 raise DatalistError(
                     f"datalist {path}: {key}[{i}] must be {{\"image\": [t1ce, t1, t2, flair], \"label\": seg}}"
                 )
-    et_label = content.get("et_label", 4)
-    if et_label not in (3, 4):
+    et_label = content.get("et_label", ET_LABEL_BRATS2017)
+    if et_label not in (ET_LABEL_BRATS2017, ET_LABEL_BRATS2023):
         raise DatalistError(f"datalist {path}: 'et_label' must be 4 (BraTS 2017-2021) or 3 (BraTS 2023+)")
     return content
 

@@ -49,6 +49,13 @@ def load_update(record_dir: Path, tag: str, site: str, round_num: int) -> tuple[
     return arrays, json.loads(Path(f"{stem}.json").read_text())
 
 
+def recorded_updates(record_dir: Path):
+    """(site, round, raw update, its meta, update the server received, its meta) of the 2-site, 2-round runs."""
+    for site in ("site-1", "site-2"):
+        for r in (0, 1):
+            yield (site, r, *load_update(record_dir, "raw", site, r), *load_update(record_dir, "received", site, r))
+
+
 def assert_complete_job(args, n_sites: int):
     summary = summarize_job(Path(args.workspace), args.job_name, 2, n_sites)
     assert summary.paths.best_model.is_file()
@@ -69,12 +76,9 @@ def test_federated_two_clients_without_dp(tiny_federation, tmp_path):
     args = run_recorded(argv, tmp_path / "rec")
     assert args.job_name == "brats18_2"
     assert_complete_job(args, 2)
-    for site in ("site-1", "site-2"):
-        for r in (0, 1):
-            raw, raw_meta = load_update(tmp_path / "rec", "raw", site, r)
-            received, _ = load_update(tmp_path / "rec", "received", site, r)
-            assert raw_meta["data_kind"] == "WEIGHT_DIFF"  # the clients send differences, not weights
-            assert all(np.array_equal(raw[k], received[k]) for k in raw)  # no DP: what is sent arrives
+    for _site, _round, raw, raw_meta, received, _ in recorded_updates(tmp_path / "rec"):
+        assert raw_meta["data_kind"] == "WEIGHT_DIFF"  # the clients send differences, not weights
+        assert all(np.array_equal(raw[k], received[k]) for k in raw)  # no DP: what is sent arrives
 
 
 def test_federated_two_clients_with_dp_changes_every_update(tiny_federation, tmp_path):
@@ -83,15 +87,12 @@ def test_federated_two_clients_with_dp_changes_every_update(tiny_federation, tmp
     args = run_recorded(argv, tmp_path / "rec")
     assert args.job_name == "brats18_2_dp"
     assert_complete_job(args, 2)
-    for site in ("site-1", "site-2"):
-        for r in (0, 1):
-            raw, raw_meta = load_update(tmp_path / "rec", "raw", site, r)
-            received, received_meta = load_update(tmp_path / "rec", "received", site, r)
-            assert raw_meta["data_kind"] == "WEIGHT_DIFF"
-            assert received_meta["svt_privacy_budget"] is not None  # the SVT filter ran on this update
-            differing = [k for k in raw if not np.array_equal(raw[k], received[k])]
-            assert len(differing) == len(raw), "every tensor of the update must be perturbed by SVT"
-            assert all(np.abs(received[k]).max() > 0 for k in raw if raw[k].size > 100)
+    for _site, _round, raw, raw_meta, received, received_meta in recorded_updates(tmp_path / "rec"):
+        assert raw_meta["data_kind"] == "WEIGHT_DIFF"
+        assert received_meta["svt_privacy_budget"] is not None  # the SVT filter ran on this update
+        differing = [k for k in raw if not np.array_equal(raw[k], received[k])]
+        assert len(differing) == len(raw), "every tensor of the update must be perturbed by SVT"
+        assert all(np.abs(received[k]).max() > 0 for k in raw if raw[k].size > 100)
 
 
 def test_centralised_single_client_from_the_command_line(tiny_federation, tmp_path):
