@@ -1,11 +1,12 @@
 """What DP-SGD costs per local step against non-private training, on this machine (prints figures, asserts nothing).
 
 A non-private step is the client's: one forward/backward pass over the batch and an Adam step. A DP-SGD step is
-dpsgd.py's: one forward/backward pass per case drawn (per-case gradients), clipping, Gaussian noise on every
-parameter, and the Adam step. Inputs are random tensors of the crop size, so data loading is left out of both.
+brats_fl/privacy/dpsgd.py's: one forward/backward pass per case drawn (per-case gradients), clipping, Gaussian
+noise on every parameter, and the Adam step. Inputs are random tensors of the crop size, so data loading is left
+out of both.
 
-    python benchmarks/dpsgd_step_cost.py                       # the demo's model and crop
-    python benchmarks/dpsgd_step_cost.py --roi_size 224 224 144 --steps 3   # the paper's crop (slow on a CPU)
+    python -m benchmarks.dpsgd_step_cost                       # the demo's model and crop
+    python -m benchmarks.dpsgd_step_cost --roi_size 224 224 144 --steps 3   # the paper's crop (slow on a CPU)
 """
 
 from __future__ import annotations
@@ -14,42 +15,54 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import brats_pipeline as bp  # noqa: E402
-import dpsgd  # noqa: E402
-from model import BratsSegResNet, count_parameters  # noqa: E402
-from privacy import DPSGDPlan  # noqa: E402
+import brats_fl.pipeline as bp
+from brats_fl.privacy import dpsgd
+from brats_fl.privacy.dpsgd import DPSGDPlan
+from brats_fl.settings import roi_size_problem
+from model import BratsSegResNet, count_parameters
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_filters", type=int, default=16, help="SegResNet base width (default: 16)")
-    p.add_argument("--roi_size", type=int, nargs=3, default=[48, 48, 32], metavar=("X", "Y", "Z"),
-                   help="training crop, multiples of 8 (default: the demo's 48 48 32)")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2],
-                   help="cases per step to time; Poisson sampling with expected batch 1 draws 1 case 37%% of the "
-                        "time and 2 or more 26%% (default: 1 2)")
+    p.add_argument(
+        "--roi_size",
+        type=int,
+        nargs=3,
+        default=[48, 48, 32],
+        metavar=("X", "Y", "Z"),
+        help="training crop, multiples of 8 (default: the demo's 48 48 32)",
+    )
+    p.add_argument(
+        "--batch_sizes",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="cases per step to time; Poisson sampling with expected batch 1 draws 1 case 37%% of the "
+        "time and 2 or more 26%% (default: 1 2)",
+    )
     p.add_argument("--steps", type=int, default=6, help="timed steps per configuration, >= 1 (default: 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, >= 0 (default: 2)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (default: 0)")
+    p.add_argument("--torch_threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (default: 0)")
     return p
 
 
 def check_args(args: argparse.Namespace) -> str | None:
     """The first bad flag, as one line, or None."""
-    try:
-        bp.check_roi_size(args.roi_size)
-    except ValueError as e:
-        return str(e)
+    problem = roi_size_problem(args.roi_size)
+    if problem:
+        return problem
     if args.init_filters < 8 or args.init_filters % 8:
         return f"--init_filters {args.init_filters}: need a positive multiple of 8"
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 0),
-                               ("--batch_sizes", min(args.batch_sizes), 1)):
+    for flag, value, least in (
+        ("--steps", args.steps, 1),
+        ("--warmup", args.warmup, 0),
+        ("--torch_threads", args.torch_threads, 0),
+        ("--batch_sizes", min(args.batch_sizes), 1),
+    ):
         if value < least:
             return f"{flag} {value}: need >= {least}"
     return None
@@ -85,10 +98,18 @@ def make_steps(args: argparse.Namespace, batch: int):
         plain_opt.step()
 
     private = BratsSegResNet(init_filters=args.init_filters).train()
-    plan = DPSGDPlan(n_train=60, num_rounds=1, epochs_per_round=1, target_epsilon=8.0, delta=1e-3,
-                     max_grad_norm=1.0, noise_multiplier=1.0)
-    dp_opt = dpsgd.make_dp_optimizer(torch.optim.Adam(private.parameters(), lr=1e-4, weight_decay=1e-5), plan,
-                                     dpsgd.secret_generator())
+    plan = DPSGDPlan(
+        n_train=60,
+        num_rounds=1,
+        epochs_per_round=1,
+        target_epsilon=8.0,
+        delta=1e-3,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+    )
+    dp_opt = dpsgd.make_dp_optimizer(
+        torch.optim.Adam(private.parameters(), lr=1e-4, weight_decay=1e-5), plan, dpsgd.secret_generator()
+    )
 
     def dp_step():
         dp_opt.zero_grad(set_to_none=True)
@@ -104,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     n_params = count_parameters(BratsSegResNet(init_filters=args.init_filters))
-    print(f"SegResNet init_filters {args.init_filters} ({n_params:,} parameters), crop "
-          f"{'x'.join(map(str, args.roi_size))}, CPU, {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up steps, the two kinds "
-          "alternating")
+    print(
+        f"SegResNet init_filters {args.init_filters} ({n_params:,} parameters), crop "
+        f"{'x'.join(map(str, args.roi_size))}, CPU, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}; median of {args.steps} steps after {args.warmup} warm-up steps, the two kinds "
+        "alternating"
+    )
     print(f"{'cases/step':>10}  {'non-private s':>13}  {'DP-SGD s':>9}  {'DP / non-private':>16}")
     for batch in args.batch_sizes:
         plain_step, dp_step = make_steps(args, batch)

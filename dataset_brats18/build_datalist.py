@@ -1,12 +1,13 @@
 """Write the datalists a job reads (site-1.json ... site-N.json and site-All.json) from a BraTS download.
 
     # the paper's split (Li et al. 2019), paths taken from what is really on disk:
-    python -m dataset_brats18.build_datalist --dataset_base_dir /data/brats18 --out_dir /data/brats18/datalist
+    python -m dataset_brats18.build_datalist --dataset_base_dir /data/brats18 --output_dir /data/brats18/datalist
     # the paper's split from the CSV alone, for the official BraTS 2018 layout (how the shipped files are made):
-    python -m dataset_brats18.build_datalist --trust_csv --out_dir dataset_brats18/datalist
+    python -m dataset_brats18.build_datalist --trust_csv --output_dir dataset_brats18/datalist
     # your own federation: IID, or whole institutions per site (non-IID), with 15 % shared validation cases:
-    python -m dataset_brats18.build_datalist --dataset_base_dir D --out_dir D/dl_iid --strategy random --n_sites 4
-    python -m dataset_brats18.build_datalist --dataset_base_dir D --out_dir D/dl_inst --strategy institution --n_sites 4
+    python -m dataset_brats18.build_datalist --dataset_base_dir D --output_dir D/dl_iid --strategy random --n_clients 4
+    python -m dataset_brats18.build_datalist --dataset_base_dir D --output_dir D/dl_inst --strategy institution \
+        --n_clients 4
 
 Recognised layouts (by file name; nothing is opened, so run python -m dataset_brats18.check_dataset afterwards):
 BraTS 2017-2019 (HGG/ and LGG/ folders, ids carrying the institution), BraTS 2020 (flat; its name_mapping.csv,
@@ -30,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from brats_fl.settings import EXIT_BAD_INPUT
 from dataset_brats18.datalist import MAX_NAMED, DatalistError, brats18_case_entry, write_datalist
 from dataset_brats18.layouts import (
     GRADES,
@@ -56,7 +58,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PAPER_SPLIT_CSV = PACKAGE_DIR / "brats18_paper_split.csv"
 STRATEGIES = ("paper", "random", "institution")
 DEFAULT_VAL_FRACTION = 0.15  # the paper: 43 of 285 cases
-EXIT_BAD_INPUT = 2
 NAMED_IN_WARNINGS = 5
 TABLE_INSTITUTIONS = 5  # institutions named per table row
 
@@ -90,32 +91,63 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset_base_dir", help="folder holding the BraTS cases, scanned recursively; datalist paths "
-                                              "are relative to it (the job's --dataset_base_dir). Not needed with --trust_csv")
-    p.add_argument("--out_dir", required=True, help="folder to write site-1.json ... site-N.json and site-All.json into "
-                                                    "(created if missing; existing files of those names are replaced)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="paper",
-                   help="paper: the split CSV (default); random: IID, seeded, sizes as equal as possible; "
-                        "institution: whole contributing institutions per site, sizes balanced (non-IID)")
-    p.add_argument("--split_csv", default=str(PAPER_SPLIT_CSV),
-                   help="split CSV for --strategy paper, columns case_id,grade,split (default: the paper's split "
-                        "shipped in dataset_brats18/brats18_paper_split.csv)")
-    p.add_argument("--trust_csv", action="store_true",
-                   help="--strategy paper only: do not scan; write every case of the CSV in the official BraTS 2018 "
-                        "layout training/<grade>/<id>/<id>_<modality>.nii.gz")
-    p.add_argument("--n_sites", type=int, help="number of sites for random/institution (paper: taken from the CSV)")
+    p.add_argument(
+        "--dataset_base_dir",
+        help="folder holding the BraTS cases, scanned recursively; datalist paths "
+        "are relative to it (the job's --dataset_base_dir). Not needed with --trust_csv",
+    )
+    p.add_argument(
+        "--output_dir",
+        required=True,
+        help="folder to write site-1.json ... site-N.json and site-All.json into "
+        "(created if missing; existing files of those names are replaced)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="paper",
+        help="paper: the split CSV (default); random: IID, seeded, sizes as equal as possible; "
+        "institution: whole contributing institutions per site, sizes balanced (non-IID)",
+    )
+    p.add_argument(
+        "--split_csv",
+        default=str(PAPER_SPLIT_CSV),
+        help="split CSV for --strategy paper, columns case_id,grade,split (default: the paper's split "
+        "shipped in dataset_brats18/brats18_paper_split.csv)",
+    )
+    p.add_argument(
+        "--trust_csv",
+        action="store_true",
+        help="--strategy paper only: do not scan; write every case of the CSV in the official BraTS 2018 "
+        "layout training/<grade>/<id>/<id>_<modality>.nii.gz",
+    )
+    p.add_argument("--n_clients", type=int, help="number of sites for random/institution (paper: taken from the CSV)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split and of validation draws (default: 0)")
-    p.add_argument("--val_fraction", type=float,
-                   help=f"fraction of cases drawn (seeded) as validation, in (0, 1) (default: {DEFAULT_VAL_FRACTION}; "
-                        "random/institution only)")
-    p.add_argument("--val_csv", help="CSV whose case_id column lists the validation cases (if it has a split column, "
-                                     "its 'validation' rows); shared by all sites. random/institution only")
-    p.add_argument("--per_site_val", action="store_true",
-                   help="each site holds out --val_fraction of its own cases as its validation set instead of one "
-                        "shared set; site-All validates on their union. random/institution only")
-    p.add_argument("--name_mapping", help="BraTS 2020 name_mapping.csv (default: any name_mapping.csv found in the scan)")
-    p.add_argument("--skip_incomplete", action="store_true",
-                   help="leave out (and name) cases missing a modality or label instead of stopping")
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        help=f"fraction of cases drawn (seeded) as validation, in (0, 1) (default: {DEFAULT_VAL_FRACTION}; "
+        "random/institution only)",
+    )
+    p.add_argument(
+        "--val_csv",
+        help="CSV whose case_id column lists the validation cases (if it has a split column, "
+        "its 'validation' rows); shared by all sites. random/institution only",
+    )
+    p.add_argument(
+        "--per_site_val",
+        action="store_true",
+        help="each site holds out --val_fraction of its own cases as its validation set instead of one "
+        "shared set; site-All validates on their union. random/institution only",
+    )
+    p.add_argument(
+        "--name_mapping", help="BraTS 2020 name_mapping.csv (default: any name_mapping.csv found in the scan)"
+    )
+    p.add_argument(
+        "--skip_incomplete",
+        action="store_true",
+        help="leave out (and name) cases missing a modality or label instead of stopping",
+    )
     p.add_argument("--verbose", action="store_true", help="name every case left out, not just the first few")
     return p
 
@@ -134,15 +166,19 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.strategy == "paper":
         for flag in ("val_fraction", "val_csv"):
             if getattr(args, flag) is not None:
-                raise BuildError(f"--{flag}: the paper strategy uses the validation cases of --split_csv; "
-                                 "drop the flag or use --strategy random/institution")
+                raise BuildError(
+                    f"--{flag}: the paper strategy uses the validation cases of --split_csv; "
+                    "drop the flag or use --strategy random/institution"
+                )
         if args.per_site_val:
             raise BuildError("--per_site_val: the paper strategy uses one shared validation set from --split_csv")
         return
-    if args.n_sites is None or args.n_sites < 1:
-        raise BuildError(f"--n_sites {args.n_sites}: --strategy {args.strategy} needs --n_sites >= 1")
+    if args.n_clients is None or args.n_clients < 1:
+        raise BuildError(f"--n_clients {args.n_clients}: --strategy {args.strategy} needs --n_clients >= 1")
     if args.val_csv is not None and (args.val_fraction is not None or args.per_site_val):
-        raise BuildError("--val_csv gives the validation cases: do not combine it with --val_fraction or --per_site_val")
+        raise BuildError(
+            "--val_csv gives the validation cases: do not combine it with --val_fraction or --per_site_val"
+        )
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise BuildError(f"--val_fraction {args.val_fraction}: need a fraction in (0, 1)")
 
@@ -155,8 +191,9 @@ def cases_from_csv(split_csv: str | Path) -> tuple[dict[str, CaseInfo], int]:
     rows = read_split_csv(split_csv)
     no_grade = [r.case_id for r in rows if r.grade not in GRADES]
     if no_grade:
-        raise BuildError(f"{split_csv}: --trust_csv needs grade HGG or LGG for every case, missing for "
-                         f"{_name_some(no_grade)}")
+        raise BuildError(
+            f"{split_csv}: --trust_csv needs grade HGG or LGG for every case, missing for {_name_some(no_grade)}"
+        )
     cases = {
         r.case_id: CaseInfo(r.case_id, brats18_case_entry(r.case_id, r.grade), r.grade, institution_from_id(r.case_id))
         for r in rows
@@ -169,20 +206,28 @@ def cases_from_scan(args: argparse.Namespace) -> tuple[dict[str, CaseInfo], int]
     base = Path(args.dataset_base_dir)
     scan = scan_dataset(base)
     if not scan.cases:
-        raise BuildError(f"no BraTS case files under {base} (expected e.g. <id>/<id>_t1ce.nii.gz, "
-                         "<id>/<id>-t1c.nii.gz or HGG/<id>/<id>_t1ce.nii.gz); check --dataset_base_dir")
+        raise BuildError(
+            f"no BraTS case files under {base} (expected e.g. <id>/<id>_t1ce.nii.gz, "
+            "<id>/<id>-t1c.nii.gz or HGG/<id>/<id>_t1ce.nii.gz); check --dataset_base_dir"
+        )
     namings = sorted(scan.namings())
     if len(namings) > 1:
-        raise BuildError(f"{base} mixes naming schemes ({' and '.join(namings)}): their label conventions differ; "
-                         "build datalists for each release separately")
+        raise BuildError(
+            f"{base} mixes naming schemes ({' and '.join(namings)}): their label conventions differ; "
+            "build datalists for each release separately"
+        )
     repeated = duplicate_case_ids(scan.cases)
     if repeated:
         described = [f"{cid} ({', '.join(folders)})" for cid, folders in sorted(repeated.items())]
-        raise BuildError(f"case(s) found in more than one folder under {base}: {_name_some(described)}; "
-                         "remove the copies or point --dataset_base_dir at one of them")
+        raise BuildError(
+            f"case(s) found in more than one folder under {base}: {_name_some(described)}; "
+            "remove the copies or point --dataset_base_dir at one of them"
+        )
     if scan.unrecognised:
-        warn(f"{len(scan.unrecognised)} NIfTI file(s) under {base} follow no BraTS naming and were ignored: "
-             f"{_name_some(scan.unrecognised, args.verbose)}")
+        warn(
+            f"{len(scan.unrecognised)} NIfTI file(s) under {base} follow no BraTS naming and were ignored: "
+            f"{_name_some(scan.unrecognised, args.verbose)}"
+        )
     annotate_cases(scan.cases, load_name_mappings(args, base, scan.name_mappings))
     usable = drop_incomplete(scan.cases, args.skip_incomplete, base)
     cases = {c.case_id: CaseInfo(c.case_id, c.entry(), c.grade, c.institution) for c in usable}
@@ -205,8 +250,10 @@ def drop_incomplete(cases: Sequence[ScannedCase], skip: bool, base: Path) -> lis
     for case in bad:
         print(f"{'skipped' if skip else 'incomplete'}: {case.problem()}", file=sys.stderr)
     if bad and not skip:
-        raise BuildError(f"{len(bad)} case(s) under {base} lack files (listed above); complete them, or pass "
-                         "--skip_incomplete to leave them out")
+        raise BuildError(
+            f"{len(bad)} case(s) under {base} lack files (listed above); complete them, or pass "
+            "--skip_incomplete to leave them out"
+        )
     if bad:
         warn(f"left out {len(bad)} incomplete case(s) (listed above); {len(cases) - len(bad)} case(s) remain")
     return [c for c in cases if not c.problem()]
@@ -220,27 +267,34 @@ def plan_paper(args: argparse.Namespace, cases: Mapping[str, CaseInfo], scanned:
     rows = read_split_csv(args.split_csv)
     csv_name = shown(args.split_csv)
     split = paper_split(rows, set(cases) if scanned else None)
-    if args.n_sites is not None and args.n_sites != len(split.sites):
-        raise BuildError(f"--n_sites {args.n_sites}: {csv_name} defines {len(split.sites)} sites")
+    if args.n_clients is not None and args.n_clients != len(split.sites):
+        raise BuildError(f"--n_clients {args.n_clients}: {csv_name} defines {len(split.sites)} sites")
     if split.missing:
         n_missing = sum(len(v) for v in split.missing.values())
         per_split = ", ".join(f"{name} {len(ids)}/{split.total[name]}" for name, ids in sorted(split.missing.items()))
         every = [cid for ids in split.missing.values() for cid in ids]
-        warn(f"{n_missing} of the {len(rows)} cases of {csv_name} are not under {args.dataset_base_dir} and "
-             f"were left out ({per_split}): {_name_some(sorted(every), args.verbose)}")
+        warn(
+            f"{n_missing} of the {len(rows)} cases of {csv_name} are not under {args.dataset_base_dir} and "
+            f"were left out ({per_split}): {_name_some(sorted(every), args.verbose)}"
+        )
     listed = {r.case_id for r in rows}
     unused = sorted(set(cases) - listed)
     if unused:
-        warn(f"{len(unused)} case(s) under {args.dataset_base_dir} are not in {csv_name} and are not used: "
-             f"{_name_some(unused, args.verbose)}")
+        warn(
+            f"{len(unused)} case(s) under {args.dataset_base_dir} are not in {csv_name} and are not used: "
+            f"{_name_some(unused, args.verbose)}"
+        )
     for i, site in enumerate(split.sites):
         if not site:
-            raise BuildError(f"site-{i + 1} of {csv_name} has none of its {split.total.get(f'site-{i + 1}', 0)} "
-                             f"training cases under {args.dataset_base_dir}; nothing written (a site cannot train "
-                             "on no data): use --strategy random or institution for a partial dataset")
+            raise BuildError(
+                f"site-{i + 1} of {csv_name} has none of its {split.total.get(f'site-{i + 1}', 0)} "
+                f"training cases under {args.dataset_base_dir}; nothing written (a site cannot train "
+                "on no data): use --strategy random or institution for a partial dataset"
+            )
     if not split.validation:
-        raise BuildError(f"none of the validation cases of {csv_name} is under {args.dataset_base_dir}; "
-                         "nothing written")
+        raise BuildError(
+            f"none of the validation cases of {csv_name} is under {args.dataset_base_dir}; nothing written"
+        )
     return Plan(split.sites, [split.validation] * len(split.sites), shared_validation=True)
 
 
@@ -262,7 +316,7 @@ def plan_own_split(args: argparse.Namespace, cases: Mapping[str, CaseInfo]) -> P
     try:
         training, validation = per_site_validation(sites, fraction, args.seed)
     except ValueError as e:
-        raise BuildError(f"--per_site_val: {e}; use fewer --n_sites or a dataset with more cases") from None
+        raise BuildError(f"--per_site_val: {e}; use fewer --n_clients or a dataset with more cases") from None
     return Plan(training, validation, shared_validation=False)
 
 
@@ -277,8 +331,10 @@ def validation_from_csv(path: str, available: set[str], verbose: bool) -> list[s
     listed = read_case_id_csv(path)
     absent = [cid for cid in listed if cid not in available]
     if absent:
-        warn(f"{len(absent)} of the {len(listed)} validation case(s) of --val_csv {path} are not in the dataset and "
-             f"were left out: {_name_some(absent, verbose)}")
+        warn(
+            f"{len(absent)} of the {len(listed)} validation case(s) of --val_csv {path} are not in the dataset and "
+            f"were left out: {_name_some(absent, verbose)}"
+        )
     present = [cid for cid in listed if cid in available]
     if not present:
         raise BuildError(f"--val_csv {path}: none of its {len(listed)} case(s) is in the dataset")
@@ -288,27 +344,33 @@ def validation_from_csv(path: str, available: set[str], verbose: bool) -> list[s
 
 
 def split_sites(args: argparse.Namespace, train_ids: list[str], cases: Mapping[str, CaseInfo]) -> list[list[str]]:
-    if len(train_ids) < args.n_sites:
-        raise BuildError(f"--n_sites {args.n_sites}: only {len(train_ids)} training case(s) to share")
+    if len(train_ids) < args.n_clients:
+        raise BuildError(f"--n_clients {args.n_clients}: only {len(train_ids)} training case(s) to share")
     if args.strategy == "random":
-        return random_split(train_ids, args.n_sites, args.seed)
+        return random_split(train_ids, args.n_clients, args.seed)
     institution_of = institutions(train_ids, cases)
     n_institutions = len(set(institution_of.values()))
-    if n_institutions < args.n_sites:
-        raise BuildError(f"--n_sites {args.n_sites}: the training cases come from only {n_institutions} "
-                         "institution(s); use fewer sites or --strategy random")
-    return institution_split(institution_of, args.n_sites)
+    if n_institutions < args.n_clients:
+        raise BuildError(
+            f"--n_clients {args.n_clients}: the training cases come from only {n_institutions} "
+            "institution(s); use fewer sites or --strategy random"
+        )
+    return institution_split(institution_of, args.n_clients)
 
 
 def institutions(ids: Sequence[str], cases: Mapping[str, CaseInfo]) -> dict[str, str]:
     """Institution of each case; cases without one are grouped as 'unknown' (loudly), all unknown is an error."""
     unknown = [cid for cid in ids if cases[cid].institution is None]
     if len(unknown) == len(ids):
-        raise BuildError("--strategy institution: these case ids carry no institution (only BraTS 2017-2019 ids "
-                         "do, and BraTS 2020 through its name_mapping.csv); use --strategy random")
+        raise BuildError(
+            "--strategy institution: these case ids carry no institution (only BraTS 2017-2019 ids "
+            "do, and BraTS 2020 through its name_mapping.csv); use --strategy random"
+        )
     if unknown:
-        warn(f"{len(unknown)} case(s) have no known institution and are grouped as one institution '{UNKNOWN}': "
-             f"{_name_some(unknown)}")
+        warn(
+            f"{len(unknown)} case(s) have no known institution and are grouped as one institution '{UNKNOWN}': "
+            f"{_name_some(unknown)}"
+        )
     return {cid: cases[cid].institution or UNKNOWN for cid in ids}
 
 
@@ -317,6 +379,7 @@ def institutions(ids: Sequence[str], cases: Mapping[str, CaseInfo]) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------------
 def write_plan(out_dir: Path, plan: Plan, cases: Mapping[str, CaseInfo], et_label: int) -> list[Path]:
     """site-1.json ... site-N.json and site-All.json; entries sorted by case id."""
+
     def entries(ids):
         return [cases[cid].entry for cid in sorted(ids)]
 
@@ -411,12 +474,14 @@ def build(args: argparse.Namespace) -> tuple[Plan, dict[str, CaseInfo], int, lis
         plan = plan_paper(args, cases, scanned=not args.trust_csv)
     else:
         plan = plan_own_split(args, cases)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.output_dir)
     written = write_plan(out_dir, plan, cases, et_label)
     stale = stale_site_files(out_dir, len(plan.training))
     if stale:
-        warn(f"{out_dir} also holds {', '.join(stale)} from an earlier build; a job with --n_clients "
-             f"{len(plan.training)} ignores them, but delete them to avoid confusion")
+        warn(
+            f"{out_dir} also holds {', '.join(stale)} from an earlier build; a job with --n_clients "
+            f"{len(plan.training)} ignores them, but delete them to avoid confusion"
+        )
     return plan, cases, et_label, written
 
 
@@ -430,10 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     source = "the split CSV (not scanned)" if args.trust_csv else str(args.dataset_base_dir)
     print(f"strategy {args.strategy}: {len(plan.training)} site(s) from {source}")
     print(render_table(plan, cases))
-    print(f"wrote {', '.join(p.name for p in written)} to {args.out_dir} (et_label {et_label})")
+    print(f"wrote {', '.join(p.name for p in written)} to {args.output_dir} (et_label {et_label})")
     if not args.trust_csv:
-        print(f"next: python -m dataset_brats18.check_dataset --dataset_base_dir {args.dataset_base_dir} "
-              f"--datalist_dir {args.out_dir}")
+        print(
+            f"next: python -m dataset_brats18.check_dataset --dataset_base_dir {args.dataset_base_dir} "
+            f"--datalist_json_path {args.output_dir}"
+        )
     return 0
 
 

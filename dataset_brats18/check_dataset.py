@@ -1,6 +1,6 @@
 """Open every case a set of datalists lists and report, before hours of training, anything that would break it.
 
-    python -m dataset_brats18.check_dataset --dataset_base_dir /data/brats18 --datalist_dir /data/brats18/datalist
+    python -m dataset_brats18.check_dataset --dataset_base_dir /data/brats18 --datalist_json_path /data/brats18/datalist
 
 Per case (each listed case once, however many datalists list it):
 - errors (the case is unusable): missing or unreadable files, images that are not 3-D, modalities whose shape or
@@ -11,7 +11,8 @@ Per datalist: training and validation cases and the median [min-max] tumour volu
 
 Cost: headers are read for every file, label voxels for every case; image voxels are read too (the all-zero and
 NaN/Inf checks need them) unless --headers_only, which takes about a fifth of the time (the README gives the
-time per case measured on real BraTS 2018 cases). Exit codes: 0 every case usable; 1 some case unusable; 2 bad flag or datalist.
+time per case measured on real BraTS 2018 cases). Exit codes: 0 every case usable; 1 some case unusable; 2 bad flag
+or datalist.
 """
 
 from __future__ import annotations
@@ -29,13 +30,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brats_pipeline import ET_LABEL_BRATS2017, REGIONS, region_label_sets
+from brats_fl.pipeline import ET_LABEL_BRATS2017, REGIONS, region_label_sets
+from brats_fl.settings import EXIT_BAD_INPUT, EXIT_FAILED, SHIPPED_DATALIST_DIR
 from dataset_brats18.datalist import MODALITY_ORDER, DatalistError, entry_files, load_datalist
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-SHIPPED_DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"
-EXIT_UNUSABLE = 1
-EXIT_BAD_INPUT = 2
 AFFINE_TOLERANCE_MM = 1e-3
 SPACING_TOLERANCE_MM = 1e-3
 PART_NAMES = (*MODALITY_ORDER, "label")
@@ -129,8 +127,9 @@ def compare_geometry(headers: dict, result: CaseCheck) -> None:
     for part in parts[1:]:
         difference = float(np.max(np.abs(headers[part].affine - reference)))
         if difference > AFFINE_TOLERANCE_MM:
-            result.errors.append(f"affine of {part} differs from {parts[0]} by up to {difference:.3g} mm "
-                                 "(modalities not co-registered)")
+            result.errors.append(
+                f"affine of {part} differs from {parts[0]} by up to {difference:.3g} mm (modalities not co-registered)"
+            )
     spacings = {part: tuple(float(z) for z in img.header.get_zooms()[:3]) for part, img in headers.items()}
     odd = {part: s for part, s in spacings.items() if any(abs(z - 1.0) > SPACING_TOLERANCE_MM for z in s)}
     if odd:
@@ -153,9 +152,11 @@ def check_label(img, et_label: int, result: CaseCheck) -> None:
         if et_label == 4 and 3 in unexpected:
             hint = " (label 3 is BraTS 2023+'s enhancing tumour: a 2023 label map, or a corrupt one)"
         elif et_label == 3 and 4 in unexpected:
-            hint = " (label 4 is BraTS 2017-2021's enhancing tumour: the datalist should say \"et_label\": 4)"
-        result.errors.append(f"label values {_fmt_values(unexpected)} outside the expected set "
-                             f"{sorted(allowed)} (et_label {et_label}){hint}")
+            hint = ' (label 4 is BraTS 2017-2021\'s enhancing tumour: the datalist should say "et_label": 4)'
+        result.errors.append(
+            f"label values {_fmt_values(unexpected)} outside the expected set "
+            f"{sorted(allowed)} (et_label {et_label}){hint}"
+        )
         return
     voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
     result.volumes_ml = {
@@ -214,6 +215,7 @@ def _short(error: Exception) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def datalist_names(datalist_dir: Path) -> list[str]:
     """site-1, site-2, ..., site-10, ..., site-All found in the folder, in that order."""
+
     def key(name: str):
         number = name.split("-", 1)[1]
         return (0, int(number), "") if number.isdigit() else (1, 0, number)
@@ -228,8 +230,10 @@ def load_datalists(datalist_dir: Path, names: Sequence[str]) -> dict[str, dict]:
     loaded = {n: load_datalist(datalist_dir / f"{n}.json") for n in names}
     conventions = {int(d.get("et_label", 4)) for d in loaded.values()}
     if len(conventions) > 1:
-        raise DatalistError(f"the datalists in {datalist_dir} disagree on et_label ({sorted(conventions)}); "
-                            "rebuild them with python -m dataset_brats18.build_datalist")
+        raise DatalistError(
+            f"the datalists in {datalist_dir} disagree on et_label ({sorted(conventions)}); "
+            "rebuild them with python -m dataset_brats18.build_datalist"
+        )
     return loaded
 
 
@@ -274,8 +278,13 @@ def _stats_row(name: str, checks: Sequence[CaseCheck], n_val: str, training: boo
     stats = volume_stats(checks)
     cells = [f"{m:.1f} [{lo:.1f}-{hi:.1f}]" if not math.isnan(m) else "-" for m, lo, hi in stats.values()]
     n_cases = str(len(checks))
-    return (name, n_cases if training else "-", n_val if training else n_cases,
-            str(sum(not c.usable for c in checks)), *cells)
+    return (
+        name,
+        n_cases if training else "-",
+        n_val if training else n_cases,
+        str(sum(not c.usable for c in checks)),
+        *cells,
+    )
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -305,8 +314,9 @@ def write_csv(path: Path, checks: Sequence[CaseCheck]) -> None:
         writer.writerow(["case", "usable", *(f"{r}_ml" for r in REGIONS), "errors", "warnings", "seconds"])
         for c in checks:
             volumes = [f"{c.volumes_ml[r]:.3f}" if c.volumes_ml else "" for r in REGIONS]
-            writer.writerow([c.case, int(c.usable), *volumes, "; ".join(c.errors), "; ".join(c.warnings),
-                             f"{c.seconds:.3f}"])
+            writer.writerow(
+                [c.case, int(c.usable), *volumes, "; ".join(c.errors), "; ".join(c.warnings), f"{c.seconds:.3f}"]
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,14 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset_base_dir", required=True, help="folder the datalist paths are relative to")
-    p.add_argument("--datalist_dir", default=str(SHIPPED_DATALIST_DIR),
-                   help="folder of site-*.json datalists (default: the paper's split shipped in dataset_brats18/datalist)")
-    p.add_argument("--datalists", nargs="+", metavar="NAME",
-                   help="which datalists to check, e.g. site-1 site-All (default: every site-*.json in --datalist_dir)")
-    p.add_argument("--headers_only", action="store_true",
-                   help="skip reading image voxels (headers and labels only): faster, but all-zero images, NaN/Inf "
-                        "and truncated image files go unnoticed")
-    p.add_argument("--workers", type=int, default=1, help="cases checked in parallel processes (default: 1)")
+    p.add_argument(
+        "--datalist_json_path",
+        default=str(SHIPPED_DATALIST_DIR),
+        help="folder of site-*.json datalists (default: the paper's split shipped in dataset_brats18/datalist)",
+    )
+    p.add_argument(
+        "--datalists",
+        nargs="+",
+        metavar="NAME",
+        help="which datalists to check, e.g. site-1 site-All (default: every site-*.json in --datalist_json_path)",
+    )
+    p.add_argument(
+        "--headers_only",
+        action="store_true",
+        help="skip reading image voxels (headers and labels only): faster, but all-zero images, NaN/Inf "
+        "and truncated image files go unnoticed",
+    )
+    p.add_argument("--num_workers", type=int, default=1, help="cases checked in parallel processes (default: 1)")
     p.add_argument("--problems_only", action="store_true", help="list only the cases with errors or warnings")
     p.add_argument("--csv", help="also write one row per case (status, volumes, errors, warnings, seconds) to this CSV")
     return p
@@ -334,18 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(args: argparse.Namespace) -> dict[str, dict]:
     """Flag and datalist problems (exit 2), found before any case is opened; returns the datalists by name."""
-    base, datalist_dir = Path(args.dataset_base_dir), Path(args.datalist_dir)
+    base, datalist_dir = Path(args.dataset_base_dir), Path(args.datalist_json_path)
     if not base.is_dir():
         raise DatalistError(f"--dataset_base_dir {base} does not exist or is not a folder")
     if not datalist_dir.is_dir():
-        raise DatalistError(f"--datalist_dir {datalist_dir} does not exist; build it with "
-                            "python -m dataset_brats18.build_datalist")
-    if args.workers < 1:
-        raise DatalistError(f"--workers {args.workers}: need >= 1")
+        raise DatalistError(
+            f"--datalist_json_path {datalist_dir} does not exist; build it with "
+            "python -m dataset_brats18.build_datalist"
+        )
+    if args.num_workers < 1:
+        raise DatalistError(f"--num_workers {args.num_workers}: need >= 1")
     names = args.datalists or datalist_names(datalist_dir)
     if not names:
-        raise DatalistError(f"--datalist_dir {datalist_dir} holds no site-*.json; build them with "
-                            "python -m dataset_brats18.build_datalist")
+        raise DatalistError(
+            f"--datalist_json_path {datalist_dir} holds no site-*.json; build them with "
+            "python -m dataset_brats18.build_datalist"
+        )
     return load_datalists(datalist_dir, names)
 
 
@@ -372,18 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     et_label = int(next(iter(datalists.values())).get("et_label", 4))
     entries = unique_entries(datalists)
     what = "headers and labels" if args.headers_only else "headers, labels and image voxels"
-    print(f"checking {len(entries)} case(s) listed in {', '.join(datalists)} under {base} "
-          f"(et_label {et_label}; {what})", flush=True)
+    print(
+        f"checking {len(entries)} case(s) listed in {', '.join(datalists)} under {base} (et_label {et_label}; {what})",
+        flush=True,
+    )
     start = time.perf_counter()
-    checks = run_checks(entries, base, et_label, not args.headers_only, args.workers)
+    checks = run_checks(entries, base, et_label, not args.headers_only, args.num_workers)
     wall = time.perf_counter() - start
     for check in checks:
         if not args.problems_only or check.errors or check.warnings:
             print("\n".join(render_case(check)))
     by_label = {e["label"]: c for e, c in zip(entries, checks)}
     header = ("datalist", "training", "validation", "unusable", "TC ml", "WT ml", "ET ml")
-    print("\ntumour volume in ml, median [min-max] over each datalist's training cases (validation rows: over the "
-          "validation cases)")
+    print(
+        "\ntumour volume in ml, median [min-max] over each datalist's training cases (validation rows: over the "
+        "validation cases)"
+    )
     print(render_table(header, summary_rows(datalists, by_label)))
     if args.csv:
         write_csv(Path(args.csv), checks)
@@ -391,13 +419,18 @@ def main(argv: list[str] | None = None) -> int:
     warned = [c for c in checks if c.warnings]
     opened = [c for c in checks if c.opened]
     per_case = sum(c.seconds for c in opened) / max(len(opened), 1)
-    print(f"\n{len(checks)} case(s): {len(checks) - len(unusable)} usable, {len(unusable)} unusable, "
-          f"{len(warned)} with warnings; {wall:.1f} s with {args.workers} worker(s), "
-          f"{per_case:.2f} s per case present on disk ({what})")
+    print(
+        f"\n{len(checks)} case(s): {len(checks) - len(unusable)} usable, {len(unusable)} unusable, "
+        f"{len(warned)} with warnings; {wall:.1f} s with {args.num_workers} worker(s), "
+        f"{per_case:.2f} s per case present on disk ({what})"
+    )
     if unusable:
-        print(f"error: {len(unusable)} case(s) unusable (listed above as UNUSABLE); fix or remove them and rebuild "
-              "the datalists", file=sys.stderr)
-        return EXIT_UNUSABLE
+        print(
+            f"error: {len(unusable)} case(s) unusable (listed above as UNUSABLE); fix or remove them and rebuild "
+            "the datalists",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return 0
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import nibabel as nib
 
-from brats_pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
-from brats_pipeline import MODALITIES as MODALITY_ORDER  # one channel order for the pipeline and the datalists
+from brats_fl.pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
+from brats_fl.pipeline import MODALITIES as MODALITY_ORDER  # one channel order for the pipeline and the datalists
+
 REQUIRED_KEYS = ("training", "validation")
 MAX_NAMED = 3  # how many offending files an error line names
 
@@ -71,7 +72,7 @@ def load_datalist(path: str | Path) -> dict:
         for i, entry in enumerate(entries):
             if not _is_valid_entry(entry):
                 raise DatalistError(
-                    f"datalist {path}: {key}[{i}] must be {{\"image\": [t1ce, t1, t2, flair], \"label\": seg}}"
+                    f'datalist {path}: {key}[{i}] must be {{"image": [t1ce, t1, t2, flair], "label": seg}}'
                 )
     et_label = content.get("et_label", ET_LABEL_BRATS2017)
     if et_label not in (ET_LABEL_BRATS2017, ET_LABEL_BRATS2023):
@@ -119,7 +120,9 @@ def shape_mismatches(entries: Iterable[dict], base_dir: str | Path) -> list[str]
     return bad
 
 
-def check_job_datalists(datalist_dir: str | Path, dataset_base_dir: str | Path, names: Sequence[str]) -> dict[str, dict]:
+def check_job_datalists(
+    datalist_dir: str | Path, dataset_base_dir: str | Path, names: Sequence[str]
+) -> dict[str, dict]:
     """Everything job.py verifies before a real-data job; returns the loaded datalists by name.
 
     Checks: folders exist, each needed site JSON exists and is well formed, every listed file exists, and the

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brats_pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
+from brats_fl.pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
 from dataset_brats18.datalist import MODALITY_ORDER, DatalistError
 
 LABEL_PART = "label"

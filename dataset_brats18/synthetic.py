@@ -7,7 +7,7 @@ tumour core, whose outer shell enhances (label 4) around necrosis (label 1). Eve
 enhancing tumour, so the ET-absent rules of the metrics are exercised. Each modality has its own contrast, so the
 regions are separable only by combining modalities, as in real data.
 
-Usage: ``python -m dataset_brats18.synthetic --out_dir /tmp/syn --n_cases 12 --shape 64 64 48``
+Usage: ``python -m dataset_brats18.synthetic --output_dir /tmp/syn --n_cases 12 --shape 64 64 48``
 """
 
 from __future__ import annotations
@@ -195,20 +195,24 @@ def write_federated_datalists(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", required=True, help="folder to write the dataset into (created if missing)")
+    parser.add_argument("--output_dir", required=True, help="folder to write the dataset into (created if missing)")
     parser.add_argument("--n_cases", type=int, default=12, help="number of cases (default: 12)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], help="volume size in voxels (default: 64 64 48)")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, default=[64, 64, 48], help="volume size in voxels (default: 64 64 48)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same voxels (default: 0)")
-    parser.add_argument("--n_sites", type=int, default=4, help="sites to write datalists for (default: 4)")
+    parser.add_argument("--n_clients", type=int, default=4, help="sites to write datalists for (default: 4)")
     parser.add_argument("--n_validation", type=int, default=2, help="shared validation cases (default: 2)")
     args = parser.parse_args(argv)
     if args.n_cases < 2 or min(args.shape) < 8:
         parser.error("--n_cases must be >= 2 and every --shape entry >= 8")
-    if not 1 <= args.n_validation < args.n_cases or args.n_cases - args.n_validation < args.n_sites:
+    if not 1 <= args.n_validation < args.n_cases or args.n_cases - args.n_validation < args.n_clients:
         parser.error("need 1 <= --n_validation < --n_cases and at least one training case per site")
-    cases = generate_dataset(args.out_dir, args.n_cases, tuple(args.shape), args.seed)
-    datalist_dir = write_federated_datalists(cases, Path(args.out_dir) / "datalist", args.n_sites, args.n_validation)
-    print(f"wrote {len(cases)} synthetic cases to {Path(args.out_dir).resolve()}, datalists in {datalist_dir}")
+    cases = generate_dataset(args.output_dir, args.n_cases, tuple(args.shape), args.seed)
+    datalist_dir = write_federated_datalists(
+        cases, Path(args.output_dir) / "datalist", args.n_clients, args.n_validation
+    )
+    print(f"wrote {len(cases)} synthetic cases to {Path(args.output_dir).resolve()}, datalists in {datalist_dir}")
 
 
 if __name__ == "__main__":

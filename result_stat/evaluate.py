@@ -1,12 +1,13 @@
 """Evaluate trained models on a datalist's validation cases: the paper's results table, per case and per job.
 
-    python -m result_stat.evaluate --workspace /tmp/nvflare/simulation --jobs brats18_1 brats18_4 brats18_4_dp
+    python -m result_stat.evaluate                     # the paper's jobs found in the default workspace
+    python -m result_stat.evaluate --workspace /tmp/nvflare/simulation --job_names brats18_1 brats18_4 brats18_4_dp
     python -m result_stat.evaluate --models central=/path/to/best_FL_global_model.pt \\
         --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --datalist dataset_brats18/datalist/site-All.json
 
 Each model (a job's best_FL_global_model.pt, or any checkpoint of BratsSegResNet) runs through the clients' own
-pipeline (brats_pipeline: transforms, sliding-window inference, thresholds) on GPU when present, else CPU. Reported
-per region TC, WT, ET, with the BraTS conventions (result_stat/brats_metrics.py): Dice and HD95 in mm; a region
+pipeline (brats_fl/pipeline.py: transforms, sliding-window inference, thresholds) on GPU when present, else CPU.
+Reported per region TC, WT, ET, with the BraTS conventions (brats_fl/metrics.py): Dice and HD95 in mm; a region
 empty in both prediction and truth scores Dice 1 / HD95 0, empty in exactly one scores Dice 0 / HD95 = the image
 diagonal (373.13 mm for BraTS volumes). Overall Dice = mean of the three regions. Like the paper's pipeline and
 the training-time validation, the network's three output channels are scored as they are; with
@@ -26,36 +27,59 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-if str(REPO_DIR) not in sys.path:  # `python result_stat/evaluate.py` as well as `python -m result_stat.evaluate`
-    sys.path.insert(0, str(REPO_DIR))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import brats_fl.pipeline as bp
+from brats_fl import metrics as bm
+from brats_fl.job_results import JobPaths, best_round_of, read_round_metrics
+from brats_fl.settings import (
+    DEFAULT_WORKSPACE,
+    EXIT_BAD_INPUT,
+    PAPER_JOB_NAMES,
+    SETTINGS_FILE,
+    SHIPPED_DATALIST_DIR,
+    SettingsError,
+    TrainingSettings,
+    default,
+    roi_size_problem,
+)
 
-import brats_pipeline as bp  # noqa: E402
-from result_stat import brats_metrics as bm  # noqa: E402
-from result_stat.job_results import JobPaths, best_round_of, read_round_metrics  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
-DEFAULT_INFER_ROI = (240, 240, 160)  # job.py's default for real data
-SHIPPED_DATALIST = REPO_DIR / "dataset_brats18" / "datalist" / "site-All.json"
-CLIENT_CONFIG = Path("config") / "config_fed_client.json"  # next to the best model in a simulator workspace
+SHIPPED_DATALIST = SHIPPED_DATALIST_DIR / "site-All.json"
+JOB_SETTINGS = Path("custom") / SETTINGS_FILE  # the settings the job's sites used, next to the best model
 FIRST_CONV_KEY = "convInit.conv.weight"  # SegResNet's first conv: out-channels = init_filters
-SUMMARY_COLUMNS = ("Configuration", "Val Overall Dice", "Val TC Dice", "Val WT Dice", "Val ET Dice",
-                   "Val TC HD95 (mm)", "Val WT HD95 (mm)", "Val ET HD95 (mm)")  # fmt: skip
+SUMMARY_COLUMNS = (
+    "Configuration",
+    "Val Overall Dice",
+    "Val TC Dice",
+    "Val WT Dice",
+    "Val ET Dice",
+    "Val TC HD95 (mm)",
+    "Val WT HD95 (mm)",
+    "Val ET HD95 (mm)",
+)
 CSV_COLUMNS = (
-    "configuration", "case_id", "dice_overall", "dice_tc", "dice_wt", "dice_et", "hd95_tc", "hd95_wt", "hd95_et",
-    "voxels_truth_tc", "voxels_truth_wt", "voxels_truth_et", "voxels_pred_tc", "voxels_pred_wt", "voxels_pred_et",
-)  # fmt: skip
+    "configuration",
+    "case_id",
+    "dice_overall",
+    "dice_tc",
+    "dice_wt",
+    "dice_et",
+    "hd95_tc",
+    "hd95_wt",
+    "hd95_et",
+    "voxels_truth_tc",
+    "voxels_truth_wt",
+    "voxels_truth_et",
+    "voxels_pred_tc",
+    "voxels_pred_wt",
+    "voxels_pred_et",
+)
 
 
 class EvaluationInputError(ValueError):
@@ -100,27 +124,21 @@ class ModelResult:
         return bp.aggregate_dice([c.training_rule_dice for c in self.cases])
 
 
-def job_client_args(model_path: Path) -> dict:
-    """Dataset, datalist and inference size the job's clients used, from the config saved beside the best model.
-
-    Returns {} for a checkpoint outside a simulator workspace.
-    """
-    config_path = model_path.parent / CLIENT_CONFIG
-    if not config_path.is_file():
+def job_settings(model_path: Path) -> dict:
+    """Dataset, datalist and inference size the job's sites used, from the settings shipped with the job (found
+    beside the best model). Returns {} for a checkpoint outside a job folder."""
+    settings_path = model_path.parent / JOB_SETTINGS
+    if not settings_path.is_file():
         return {}
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvaluationInputError(f"job config {config_path} is not valid JSON ({e}); give the data flags") from None
-    script_args = ""
-    for executor in config.get("executors", []):
-        script_args = executor.get("executor", {}).get("args", {}).get("task_script_args", script_args)
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--dataset_base_dir")
-    parser.add_argument("--datalist_json_path")
-    parser.add_argument("--infer_roi_size", type=int, nargs=3)
-    known, _ = parser.parse_known_args(shlex.split(script_args))
-    return {k: v for k, v in vars(known).items() if v is not None}
+        settings = TrainingSettings.read(settings_path)
+    except SettingsError as e:
+        raise EvaluationInputError(f"{e}; give the data flags") from None
+    return {
+        k: v
+        for k, v in vars(settings).items()
+        if k in ("dataset_base_dir", "datalist_json_path", "infer_roi_size") and v is not None
+    }
 
 
 def datalist_file(path: Path) -> Path:
@@ -154,17 +172,34 @@ def parse_model_flag(value: str) -> tuple[str, Path]:
     return label, model_path
 
 
+def paper_jobs_run(workspace: Path, log=print) -> list[str]:
+    """The paper's configurations (job.py's default job names) that have a best model under workspace."""
+    found = []
+    for job in PAPER_JOB_NAMES:
+        if JobPaths(workspace, job).best_model.is_file():
+            found.append(job)
+        else:
+            log(f"skipping {job}: not run (no best model under {workspace / job})")
+    if not found:
+        raise EvaluationInputError(
+            f"none of {', '.join(PAPER_JOB_NAMES)} has a best model under --workspace {workspace}; run job.py "
+            "first, or give --job_names or --models"
+        )
+    return found
+
+
 def build_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """Every model to evaluate, with its data settings resolved; raises EvaluationInputError on the first problem."""
-    if not args.jobs and not args.models:
-        raise EvaluationInputError("nothing to evaluate: give --jobs NAME ... (with --workspace) or --models PATH ...")
     specs = []
     workspace = Path(args.workspace)
-    for job in args.jobs or []:
+    job_names = args.job_names
+    if not job_names and not args.models:
+        job_names = paper_jobs_run(workspace)
+    for job in job_names or []:
         paths = JobPaths(workspace, job)
         if not paths.best_model.is_file():
             raise EvaluationInputError(
-                f"--jobs {job}: no best model at {paths.best_model}; run the job first (python job.py "
+                f"--job_names {job}: no best model at {paths.best_model}; run the job first (python job.py "
                 f"--workspace {workspace} ...) or check --workspace"
             )
         specs.append(ModelSpec(job, paths.best_model, job_paths=paths))
@@ -189,7 +224,7 @@ def resolve_data(
     only) the shipped paper split. Checks that every validation file exists."""
     from dataset_brats18.datalist import DatalistError, load_datalist, missing_files
 
-    job_args = job_client_args(spec.model_path)
+    job_args = job_settings(spec.model_path)
     base = dataset_base_dir or job_args.get("dataset_base_dir")
     if base is None:
         raise EvaluationInputError(
@@ -215,11 +250,10 @@ def resolve_data(
             f"{len(missing)} validation file(s) of {spec.datalist_path} are missing under {spec.dataset_base_dir}, "
             f"e.g. {missing[0]}; check --dataset_base_dir and --datalist"
         )
-    roi = infer_roi_size or job_args.get("infer_roi_size") or DEFAULT_INFER_ROI
-    try:
-        bp.check_roi_size(roi, "--infer_roi_size")
-    except ValueError as e:
-        raise EvaluationInputError(str(e)) from None
+    roi = infer_roi_size or job_args.get("infer_roi_size") or default("infer_roi_size")
+    problem = roi_size_problem(roi, "--infer_roi_size")
+    if problem:
+        raise EvaluationInputError(problem)
     spec.infer_roi_size = tuple(int(s) for s in roi)
 
 
@@ -287,9 +321,12 @@ def save_label_map(prediction, label_item, val_transform, label_path: Path, et_l
 
     data = {
         "label": label_item,
-        "pred": MetaTensor(prediction.detach().cpu(), meta=dict(label_item.meta),
-                           applied_operations=list(label_item.applied_operations)),
-    }  # fmt: skip
+        "pred": MetaTensor(
+            prediction.detach().cpu(),
+            meta=dict(label_item.meta),
+            applied_operations=list(label_item.applied_operations),
+        ),
+    }
     inverted = Invertd(keys="pred", transform=val_transform, orig_keys="label", nearest_interp=True)(data)["pred"]
     labels = bp.regions_to_labels(np.asarray(inverted.detach().cpu()), et_label)
     original = nib.load(str(label_path))
@@ -343,12 +380,15 @@ def evaluate_model(
             )
             if prediction_dir is not None:
                 case.prediction_file = prediction_dir / f"{case.case_id}.nii.gz"
-                save_label_map(prediction[b], label, transform, Path(label.meta["filename_or_obj"]), et_label,
-                               case.prediction_file)  # fmt: skip
+                save_label_map(
+                    prediction[b], label, transform, Path(label.meta["filename_or_obj"]), et_label, case.prediction_file
+                )
             result.cases.append(case)
             s = case.scores
-            log(f"  {spec.label} {case.case_id}: Dice TC {s['dice_tc']:.4f} WT {s['dice_wt']:.4f} ET {s['dice_et']:.4f}, "
-                f"HD95 TC {s['hd95_tc']:.2f} WT {s['hd95_wt']:.2f} ET {s['hd95_et']:.2f} mm")  # fmt: skip
+            log(
+                f"  {spec.label} {case.case_id}: Dice TC {s['dice_tc']:.4f} WT {s['dice_wt']:.4f} "
+                f"ET {s['dice_et']:.4f}, HD95 TC {s['hd95_tc']:.2f} WT {s['hd95_wt']:.2f} ET {s['hd95_et']:.2f} mm"
+            )
     return result
 
 
@@ -412,12 +452,16 @@ def write_per_case_csv(results: list[ModelResult], path: Path) -> None:
         for result in results:
             for case in result.cases:
                 s = case.scores
-                writer.writerow([
-                    result.spec.label, case.case_id,
-                    *(f"{s[k]:.6f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et")),
-                    *(f"{s[k]:.4f}" for k in ("hd95_tc", "hd95_wt", "hd95_et")),
-                    *case.voxels_truth, *case.voxels_pred,
-                ])  # fmt: skip
+                writer.writerow(
+                    [
+                        result.spec.label,
+                        case.case_id,
+                        *(f"{s[k]:.6f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et")),
+                        *(f"{s[k]:.4f}" for k in ("hd95_tc", "hd95_wt", "hd95_et")),
+                        *case.voxels_truth,
+                        *case.voxels_pred,
+                    ]
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,36 +471,68 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m result_stat.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    what = p.add_argument_group("models (at least one of --jobs, --models)")
-    what.add_argument("--workspace", default=DEFAULT_WORKSPACE,
-                      help=f"simulator workspace root that --jobs are in (default: {DEFAULT_WORKSPACE})")
-    what.add_argument("--jobs", nargs="+", metavar="JOB",
-                      help="job folder names under --workspace, e.g. brats18_1 brats18_4 brats18_4_dp; each job's "
-                           "server/simulate_job/app_server/best_FL_global_model.pt is evaluated")
-    what.add_argument("--models", nargs="+", metavar="[LABEL=]PATH",
-                      help="any BratsSegResNet checkpoint (NVFlare persistor dict or plain state dict); LABEL names "
-                           "its row (default: the job folder for a path inside a workspace, else the file name)")
-    data = p.add_argument_group("data (default: what each job's clients used, read from the job's config)")
+    what = p.add_argument_group("models (default: the paper's jobs found under --workspace)")
+    what.add_argument(
+        "--workspace",
+        default=DEFAULT_WORKSPACE,
+        help=f"simulator workspace root that the jobs are in (default: {DEFAULT_WORKSPACE})",
+    )
+    what.add_argument(
+        "--job_names",
+        nargs="+",
+        metavar="JOB",
+        help="job folder names under --workspace; each job's best model "
+        "(server/simulate_job/app_server/best_FL_global_model.pt) is evaluated (default, when "
+        f"--models is not given either: those of {', '.join(PAPER_JOB_NAMES)} that were run)",
+    )
+    what.add_argument(
+        "--models",
+        nargs="+",
+        metavar="[LABEL=]PATH",
+        help="any BratsSegResNet checkpoint (NVFlare persistor dict or plain state dict); LABEL names "
+        "its row (default: the job folder for a path inside a workspace, else the file name)",
+    )
+    data = p.add_argument_group("data (default: what each job's sites used, read from the job's brats_settings.json)")
     data.add_argument("--dataset_base_dir", help="folder the datalist paths are relative to")
-    data.add_argument("--datalist",
-                      help="datalist JSON whose 'validation' cases are evaluated, or a folder of site-N.json files "
-                           "(site-All.json is used); default with --dataset_base_dir and no job config: "
-                           "dataset_brats18/datalist/site-All.json")
+    data.add_argument(
+        "--datalist",
+        help="datalist JSON whose 'validation' cases are evaluated, or a folder of site-N.json files "
+        "(site-All.json is used); default with --dataset_base_dir and no job config: "
+        "dataset_brats18/datalist/site-All.json",
+    )
     run = p.add_argument_group("inference")
-    run.add_argument("--infer_roi_size", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                     help="sliding-window size, multiples of 8 (default: the job's, else 240 240 160)")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                     help="auto = CUDA when available, else CPU (default: auto)")
-    run.add_argument("--no_amp", action="store_true",
-                     help="turn mixed precision off on CUDA (on by default there, as in training)")
+    run.add_argument(
+        "--infer_roi_size",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window size, multiples of 8 (default: the job's, else "
+        f"{' '.join(map(str, default('infer_roi_size')))})",
+    )
+    run.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto = CUDA when available, else CPU (default: auto)",
+    )
+    run.add_argument(
+        "--no_amp", action="store_true", help="turn mixed precision off on CUDA (on by default there, as in training)"
+    )
     out = p.add_argument_group("outputs")
-    out.add_argument("--output_dir", help="where per_case.csv, summary.md and predictions/ go "
-                                          "(default: <workspace>/evaluation)")
-    out.add_argument("--save_predictions", action="store_true",
-                     help="also write each case's predicted label map as NIfTI (BraTS label values, input's affine)")
-    out.add_argument("--score_label_maps", action="store_true",
-                     help="score the label maps' nested regions (ET in TC in WT) instead of the network's channels: "
-                          "what the BraTS evaluator gives for the --save_predictions files")
+    out.add_argument(
+        "--output_dir", help="where per_case.csv, summary.md and predictions/ go (default: <workspace>/evaluation)"
+    )
+    out.add_argument(
+        "--save_predictions",
+        action="store_true",
+        help="also write each case's predicted label map as NIfTI (BraTS label values, input's affine)",
+    )
+    out.add_argument(
+        "--score_label_maps",
+        action="store_true",
+        help="score the label maps' nested regions (ET in TC in WT) instead of the network's channels: "
+        "what the BraTS evaluator gives for the --save_predictions files",
+    )
     return p
 
 
@@ -491,18 +567,24 @@ def main(argv: list[str] | None = None) -> int:
     use_amp = device.type == "cuda" and not args.no_amp
     results = []
     for spec, model in zip(specs, models):
-        print(f"Evaluating {spec.label}: {spec.model_path} on the validation cases of {spec.datalist_path} "
-              f"({device.type}, window {'x'.join(map(str, spec.infer_roi_size))})", flush=True)  # fmt: skip
+        print(
+            f"Evaluating {spec.label}: {spec.model_path} on the validation cases of {spec.datalist_path} "
+            f"({device.type}, window {'x'.join(map(str, spec.infer_roi_size))})",
+            flush=True,
+        )
         prediction_dir = output_dir / "predictions" / spec.label if args.save_predictions else None
-        results.append(evaluate_model(model, spec, device, use_amp, prediction_dir,
-                                      score_label_maps=args.score_label_maps))  # fmt: skip
+        results.append(
+            evaluate_model(model, spec, device, use_amp, prediction_dir, score_label_maps=args.score_label_maps)
+        )
     summary = render_summary(results, args.score_label_maps)
     write_per_case_csv(results, output_dir / "per_case.csv")
     (output_dir / "summary.md").write_text(summary)
     print()
     print(summary)
-    print(f"Wrote {output_dir / 'per_case.csv'} and {output_dir / 'summary.md'}"
-          + (f" and label maps under {output_dir / 'predictions'}" if args.save_predictions else ""))
+    print(
+        f"Wrote {output_dir / 'per_case.csv'} and {output_dir / 'summary.md'}"
+        + (f" and label maps under {output_dir / 'predictions'}" if args.save_predictions else "")
+    )
     return 0
 
 

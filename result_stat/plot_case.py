@@ -1,13 +1,13 @@
 """Picture of one validation case: FLAIR and T1ce through the tumour, ground truth and prediction outlined.
 
-    python -m result_stat.plot_case --workspace /tmp/nvflare/simulation --job brats18_4 --out figs/case.png
+    python -m result_stat.plot_case --workspace /tmp/nvflare/simulation --job_name brats18_4 --output_dir figs
     python -m result_stat.plot_case --prediction evaluation/predictions/brats18_4/Brats18_X_1.nii.gz \\
         --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --datalist dataset_brats18/datalist/site-All.json
 
 Two rows (FLAIR, T1ce) by three views (axial, coronal, sagittal). Each view cuts through the slice with the most
 ground-truth tumour (WT, TC and ET voxels counted together, so the cut goes through the core). Regions are outlined
-in one colour each (WT green, TC yellow, ET red): ground truth solid, prediction dashed. Volumes are shown in RAS orientation (patient's right on the
-image's right, superior and anterior up), with the voxel aspect ratio honoured.
+in one colour each (WT green, TC yellow, ET red): ground truth solid, prediction dashed. Volumes are shown in RAS
+orientation (patient's right on the image's right, superior and anterior up), with the voxel aspect ratio honoured.
 
 The prediction comes from --job / --model (the case is run through the clients' pipeline, as result_stat.evaluate
 does) or from a label map that ``result_stat.evaluate --save_predictions`` wrote (--prediction). Either way the
@@ -22,11 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-if str(REPO_DIR) not in sys.path:
-    sys.path.insert(0, str(REPO_DIR))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,10 +30,10 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-import brats_pipeline as bp  # noqa: E402
+import brats_fl.pipeline as bp  # noqa: E402
+from brats_fl.settings import DEFAULT_WORKSPACE, EXIT_BAD_INPUT, default  # noqa: E402
 from result_stat import evaluate as ev  # noqa: E402
 
-EXIT_BAD_INPUT = 2
 SHOWN_MODALITIES = ("flair", "t1ce")
 REGION_COLOURS = {"wt": "#2ca02c", "tc": "#ffd21f", "et": "#e8292b"}  # green, yellow, red
 # TC and ET share their outer edge in most tumours: TC is drawn first and wider, so it stays visible around ET.
@@ -114,14 +110,27 @@ def draw_case(
         for col, view in enumerate(VIEWS):
             ax = axes[row, col]
             index = slices[view]
-            ax.imshow(cut(volume, view, index), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
-                      aspect=view_aspect(spacing, view), interpolation="nearest")  # fmt: skip
+            ax.imshow(
+                cut(volume, view, index),
+                cmap="gray",
+                vmin=vmin,
+                vmax=vmax,
+                origin="lower",
+                aspect=view_aspect(spacing, view),
+                interpolation="nearest",
+            )
             for source, masks, style in (("truth", truth, "solid"), ("prediction", prediction, "dashed")):
                 for region, width in REGION_LINE_WIDTHS.items():
                     plane = cut(masks[region], view, index).astype(np.float32)
                     if plane.any():
-                        contours = ax.contour(plane, levels=[0.5], colors=[REGION_COLOURS[region]],
-                                              linestyles=style, linewidths=width, origin="lower")  # fmt: skip
+                        contours = ax.contour(
+                            plane,
+                            levels=[0.5],
+                            colors=[REGION_COLOURS[region]],
+                            linestyles=style,
+                            linewidths=width,
+                            origin="lower",
+                        )
                         contours.set_gid(f"{source}:{region}")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -130,8 +139,10 @@ def draw_case(
             if col == 0:
                 ax.set_ylabel(modality.upper() if modality != "t1ce" else "T1ce", fontsize=10)
     handles = [Line2D([], [], color=c, linewidth=2, label=r.upper()) for r, c in REGION_COLOURS.items()]
-    handles += [Line2D([], [], color="0.2", linestyle="solid", label="ground truth"),
-                Line2D([], [], color="0.2", linestyle="dashed", label="prediction")]  # fmt: skip
+    handles += [
+        Line2D([], [], color="0.2", linestyle="solid", label="ground truth"),
+        Line2D([], [], color="0.2", linestyle="dashed", label="prediction"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -155,8 +166,15 @@ def predict_case(spec: ev.ModelSpec, case_id: str, device, work_dir: Path) -> Pa
     """Run the model on one case through result_stat.evaluate; returns the label map it wrote (the scores it
     prints are those of that label map, which is what the picture shows)."""
     model = ev.load_model(spec.model_path, device)
-    result = ev.evaluate_model(model, spec, device, use_amp=device.type == "cuda", prediction_dir=work_dir,
-                               case_ids={case_id}, score_label_maps=True)  # fmt: skip
+    result = ev.evaluate_model(
+        model,
+        spec,
+        device,
+        use_amp=device.type == "cuda",
+        prediction_dir=work_dir,
+        case_ids={case_id},
+        score_label_maps=True,
+    )
     if not result.cases:
         raise CaseInputError(f"--case {case_id} is not a validation case of {spec.datalist_path}")
     return result.cases[0].prediction_file
@@ -183,24 +201,44 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_argument_group("prediction (exactly one of --job, --model, --prediction)")
-    src.add_argument("--workspace", default=ev.DEFAULT_WORKSPACE,
-                     help=f"simulator workspace root for --job (default: {ev.DEFAULT_WORKSPACE})")
-    src.add_argument("--job", help="job folder under --workspace; its best_FL_global_model.pt predicts the case")
+    src = p.add_argument_group("prediction (exactly one of --job_name, --model, --prediction)")
+    src.add_argument(
+        "--workspace",
+        default=DEFAULT_WORKSPACE,
+        help=f"simulator workspace root for --job_name (default: {DEFAULT_WORKSPACE})",
+    )
+    src.add_argument("--job_name", help="job folder under --workspace; its best_FL_global_model.pt predicts the case")
     src.add_argument("--model", help="any BratsSegResNet checkpoint to predict the case with")
     src.add_argument("--prediction", help="a label map written by result_stat.evaluate --save_predictions")
-    data = p.add_argument_group("data (default: what the job's clients used)")
+    data = p.add_argument_group("data (default: what the job's sites used)")
     data.add_argument("--dataset_base_dir", help="folder the datalist paths are relative to")
     data.add_argument("--datalist", help="datalist JSON (or folder of site-N.json) listing the case")
-    data.add_argument("--case", help="case id, e.g. Brats18_TCIA01_201_1 (default: the first validation case; "
-                                     "with --prediction: the case the file is named after)")
-    data.add_argument("--infer_roi_size", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                      help="sliding-window size for --job/--model (default: the job's, else 240 240 160)")
-    data.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                      help="where --job/--model inference runs (default: auto = CUDA when available)")
+    data.add_argument(
+        "--case",
+        help="case id, e.g. Brats18_TCIA01_201_1 (default: the first validation case; "
+        "with --prediction: the case the file is named after)",
+    )
+    data.add_argument(
+        "--infer_roi_size",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window size for --job_name/--model (default: the job's, else "
+        f"{' '.join(map(str, default('infer_roi_size')))})",
+    )
+    data.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where --job_name/--model inference runs (default: auto = CUDA when available)",
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--out", help="PNG file to write, folders created (default: figs/case_<case id>.png in the "
-                                   "current folder)")
+    out.add_argument(
+        "--output_dir",
+        default="figs",
+        help="folder the picture case_<case id>.png goes into, created if missing (default: figs, in the "
+        "current folder)",
+    )
     out.add_argument("--title", help="figure title (default: case id and where the prediction came from)")
     return p
 
@@ -208,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ev.quiet_monai_warnings()
-    sources = [s for s in (args.job, args.model, args.prediction) if s]
+    sources = [s for s in (args.job_name, args.model, args.prediction) if s]
     try:
         if len(sources) != 1:
-            raise CaseInputError("give exactly one of --job, --model, --prediction")
+            raise CaseInputError("give exactly one of --job_name, --model, --prediction")
         with tempfile.TemporaryDirectory() as work_dir:
             out, title = run(args, Path(work_dir))
     except (CaseInputError, ev.EvaluationInputError) as e:
@@ -232,10 +270,10 @@ def run(args: argparse.Namespace, work_dir: Path) -> tuple[Path, str]:
         spec = ev.ModelSpec(prediction_file.parent.name, prediction_file)
         case_id = args.case or ev.case_id_of(prediction_file)
     else:
-        model_path = ev.JobPaths(Path(args.workspace), args.job).best_model if args.job else Path(args.model)
+        model_path = ev.JobPaths(Path(args.workspace), args.job_name).best_model if args.job_name else Path(args.model)
         if not model_path.is_file():
             raise CaseInputError(f"no model at {model_path}; run the job first or check --workspace / --model")
-        spec = ev.ModelSpec(args.job or model_path.stem, model_path)
+        spec = ev.ModelSpec(args.job_name or model_path.stem, model_path)
         case_id = args.case
     ev.resolve_data(spec, args.dataset_base_dir, args.datalist, args.infer_roi_size)
     entry = find_entry(spec.datalist_path, case_id)
@@ -246,7 +284,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> tuple[Path, str]:
     images, truth, predicted, spacing = load_case(spec.dataset_base_dir, entry, prediction_file, et_label)
     title = args.title or f"{case_id}: ground truth vs {spec.label} prediction"
     fig, _ = draw_case(images, truth, predicted, spacing, title)
-    out = Path(args.out) if args.out else Path("figs") / f"case_{case_id}.png"
+    out = Path(args.output_dir) / f"case_{case_id}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     plt.close(fig)

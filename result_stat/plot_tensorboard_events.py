@@ -1,6 +1,6 @@
 """Validation curves of the global model, per FL round, for several jobs on one chart: PNG and SVG files.
 
-    python -m result_stat.plot_tensorboard_events --workspace /tmp/nvflare/simulation --out_dir figs
+    python -m result_stat.plot_tensorboard_events --workspace /tmp/nvflare/simulation --output_dir figs
 
 Reads each job's TensorBoard event files (server/simulate_job/tb_events/site-N/, written by the clients; no
 TensorFlow needed) and draws, for the tags val_dice, val_dice_tc, val_dice_wt and val_dice_et, one chart per tag
@@ -22,23 +22,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-if str(REPO_DIR) not in sys.path:
-    sys.path.insert(0, str(REPO_DIR))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from result_stat.job_results import JobPaths  # noqa: E402
+from brats_fl.job_results import JobPaths  # noqa: E402
+from brats_fl.settings import DEFAULT_WORKSPACE, EXIT_BAD_INPUT, PAPER_JOB_NAMES  # noqa: E402
 from result_stat.tb_events import read_site_scalars  # noqa: E402
 
-EXIT_BAD_INPUT = 2
-DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
-DEFAULT_JOBS = ("brats18_1", "brats18_4", "brats18_4_dp")
+DEFAULT_JOBS = PAPER_JOB_NAMES[:3]  # the paper's three configurations
 CONFIGURATION_NAMES = {"brats18_1": "Central", "brats18_4": "FedAvg", "brats18_4_dp": "FedAvg+DP"}
 TAG_TITLES = {
     "val_dice": "Validation Dice (mean of TC, WT, ET)",
@@ -91,16 +86,15 @@ def configuration_name(job: str) -> str:
     return f"{known} ({job})" if known else job
 
 
-def plot_tag(
-    curves: dict[str, tuple[list[int], list[float]]], tag: str, weight: float, note: str = ""
-) -> plt.Figure:
+def plot_tag(curves: dict[str, tuple[list[int], list[float]]], tag: str, weight: float, note: str = "") -> plt.Figure:
     """One chart: per configuration, the raw curve faint and the smoothed one solid, same colour."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for i, (name, (rounds, values)) in enumerate(curves.items()):
         colour = f"C{i}"
         ax.plot(rounds, values, color=colour, alpha=0.3, linewidth=1.0, gid=f"raw:{name}")
-        ax.plot(rounds, tensorboard_smooth(values, weight), color=colour, linewidth=2.0, label=name,
-                gid=f"smoothed:{name}")  # fmt: skip
+        ax.plot(
+            rounds, tensorboard_smooth(values, weight), color=colour, linewidth=2.0, label=name, gid=f"smoothed:{name}"
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("FL round")
     ax.set_ylabel("Dice")
@@ -129,18 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--workspace", default=DEFAULT_WORKSPACE,
-                   help=f"simulator workspace root holding the jobs (default: {DEFAULT_WORKSPACE})")
-    p.add_argument("--jobs", nargs="+", default=list(DEFAULT_JOBS), metavar="JOB",
-                   help="job folders to compare; jobs not run are skipped with a message "
-                        f"(default: {' '.join(DEFAULT_JOBS)})")
-    p.add_argument("--tags", nargs="+", default=list(TAG_TITLES), metavar="TAG",
-                   help=f"TensorBoard tags to plot, one chart each (default: {' '.join(TAG_TITLES)})")
-    p.add_argument("--smoothing", type=float, default=0.8,
-                   help="TensorBoard smoothing weight in [0, 1); 0 = raw values (default: 0.8)")
-    p.add_argument("--out_dir", default="figs", help="folder for the figures, created if missing (default: figs)")
-    p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"],
-                   help="file formats written for every chart (default: png svg)")
+    p.add_argument(
+        "--workspace",
+        default=DEFAULT_WORKSPACE,
+        help=f"simulator workspace root holding the jobs (default: {DEFAULT_WORKSPACE})",
+    )
+    p.add_argument(
+        "--job_names",
+        nargs="+",
+        default=list(DEFAULT_JOBS),
+        metavar="JOB",
+        help=f"job folders to compare; jobs not run are skipped with a message (default: {' '.join(DEFAULT_JOBS)})",
+    )
+    p.add_argument(
+        "--tags",
+        nargs="+",
+        default=list(TAG_TITLES),
+        metavar="TAG",
+        help=f"TensorBoard tags to plot, one chart each (default: {' '.join(TAG_TITLES)})",
+    )
+    p.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.8,
+        help="TensorBoard smoothing weight in [0, 1); 0 = raw values (default: 0.8)",
+    )
+    p.add_argument("--output_dir", default="figs", help="folder for the figures, created if missing (default: figs)")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["png", "svg"],
+        choices=["png", "svg", "pdf"],
+        help="file formats written for every chart (default: png svg)",
+    )
     p.add_argument("--prefix", default="", help="prefix of the file names, e.g. 'demo_' (default: none)")
     p.add_argument("--note", default="", help="small print at the bottom of every chart, e.g. 'synthetic demo data'")
     return p
@@ -166,16 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         workspace = Path(args.workspace)
         if not workspace.is_dir():
             raise PlotInputError(f"--workspace {workspace} does not exist; point it at the simulator workspace root")
-        jobs = available_jobs(workspace, args.jobs)
+        jobs = available_jobs(workspace, args.job_names)
         if not jobs:
-            raise PlotInputError(f"none of the jobs {' '.join(args.jobs)} has TensorBoard events under {workspace}")
-        out_dir = Path(args.out_dir)
+            raise PlotInputError(
+                f"none of the jobs {' '.join(args.job_names)} has TensorBoard events under {workspace}"
+            )
+        out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     except PlotInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:
-        print(f"error: cannot create --out_dir {args.out_dir}: {e}", file=sys.stderr)
+        print(f"error: cannot create --output_dir {args.output_dir}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     per_job = {configuration_name(p.job_name): job_curves(p, args.tags) for p in jobs}
     for tag in args.tags:
@@ -188,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         for name, (rounds, values) in curves.items():
             smoothed = tensorboard_smooth(values, args.smoothing)
-            print(f"  {tag} {name}: {len(rounds)} rounds, last {values[-1]:.4f} (smoothed {smoothed[-1]:.4f}), "
-                  f"best {max(values):.4f} at round {rounds[int(np.argmax(values))]}")  # fmt: skip
+            print(
+                f"  {tag} {name}: {len(rounds)} rounds, last {values[-1]:.4f} (smoothed {smoothed[-1]:.4f}), "
+                f"best {max(values):.4f} at round {rounds[int(np.argmax(values))]}"
+            )
     return 0
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR))
 
 SHARED_DIR = REPO_DIR.parent / "shared"
 SAMPLE_DIR = SHARED_DIR / "brats18_sample"

@@ -11,8 +11,11 @@ from dataset_brats18.layouts import BRATS2023_NAMING, LABEL_PART, LEGACY_NAMING,
 
 SHAPE = (8, 8, 8)
 # Each label fills one 2x2x2 block (8 voxels): TC = necrosis + ET = 16, WT = 24, ET = 8 voxels.
-BLOCKS = {"et": (slice(1, 3), slice(1, 3), slice(1, 3)), 1: (slice(3, 5), slice(1, 3), slice(1, 3)),
-          2: (slice(5, 7), slice(1, 3), slice(1, 3))}
+BLOCKS = {
+    "et": (slice(1, 3), slice(1, 3), slice(1, 3)),
+    1: (slice(3, 5), slice(1, 3), slice(1, 3)),
+    2: (slice(5, 7), slice(1, 3), slice(1, 3)),
+}
 KNOWN_VOXELS = {"tc": 16, "wt": 24, "et": 8}
 PARTS = ("t1ce", "t1", "t2", "flair", LABEL_PART)
 
@@ -58,8 +61,9 @@ def write_case(
     return written
 
 
-def touch_case(folder: Path, case_id: str, naming: Naming = LEGACY_NAMING, ext: str = ".nii.gz",
-               skip: tuple[str, ...] = ()) -> None:
+def touch_case(
+    folder: Path, case_id: str, naming: Naming = LEGACY_NAMING, ext: str = ".nii.gz", skip: tuple[str, ...] = ()
+) -> None:
     """Empty files with the right names: enough for the builder, which never opens a file."""
     folder.mkdir(parents=True, exist_ok=True)
     for part in PARTS:

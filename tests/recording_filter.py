@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_constant import ReservedKey
@@ -25,7 +24,9 @@ class UpdateRecorder(DXOFilter):
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if self.tag == "received" and peer else fl_ctx.get_identity_name()
-        round_num = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND, shareable.get_header(AppConstants.CURRENT_ROUND))
+        round_num = shareable.get_cookie(
+            AppConstants.CONTRIBUTION_ROUND, shareable.get_header(AppConstants.CURRENT_ROUND)
+        )
         stem = Path(self.out_dir) / f"{self.tag}_{site}_round{round_num}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for k, v in dxo.data.items()}

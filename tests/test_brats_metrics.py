@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from result_stat import brats_metrics as bm
+from brats_fl import metrics as bm
 
 
 def box(shape, lo, hi) -> np.ndarray:
@@ -124,9 +124,14 @@ def test_region_scores_of_a_perfect_prediction_with_absent_et():
     truth = np.stack([tc, wt, np.zeros_like(tc)])  # an LGG-like case: no enhancing tumour
     scores = bm.region_scores(truth, truth.copy(), (1.0, 1.0, 1.0))
     assert scores == {
-        "dice_tc": 1.0, "hd95_tc": 0.0, "dice_wt": 1.0, "hd95_wt": 0.0, "dice_et": 1.0, "hd95_et": 0.0,
+        "dice_tc": 1.0,
+        "hd95_tc": 0.0,
+        "dice_wt": 1.0,
+        "hd95_wt": 0.0,
+        "dice_et": 1.0,
+        "hd95_et": 0.0,
         "dice_overall": 1.0,
-    }  # fmt: skip
+    }
 
 
 def test_region_scores_penalise_a_false_positive_et_and_average_regions():

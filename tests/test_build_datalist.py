@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from handmade_cases import KNOWN_VOXELS, touch_case, write_case
 
-import brats_pipeline as bp
+import brats_fl.pipeline as bp
 from dataset_brats18 import build_datalist as bd
 from dataset_brats18.datalist import load_datalist
 from dataset_brats18.layouts import (
@@ -32,7 +33,6 @@ from dataset_brats18.splits import (
     take_validation,
     validation_count,
 )
-from handmade_cases import KNOWN_VOXELS, touch_case, write_case
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,8 +58,9 @@ def test_file_names_of_every_release(name, case_id, part, naming):
     assert (parsed.case_id, parsed.part, parsed.naming) == (case_id, part, naming)
 
 
-@pytest.mark.parametrize("name", ["W39_1998.09.19_Segm.nii", "survival_data.csv", "x_t1ce.nii.gz.bak", "_t1.nii.gz",
-                                  "case_dwi.nii.gz"])
+@pytest.mark.parametrize(
+    "name", ["W39_1998.09.19_Segm.nii", "survival_data.csv", "x_t1ce.nii.gz.bak", "_t1.nii.gz", "case_dwi.nii.gz"]
+)
 def test_unknown_file_names_are_not_guessed(name):
     assert parse_file_name(name) is None
 
@@ -174,8 +175,12 @@ def test_take_validation_is_disjoint_and_seeded():
 
 
 def test_paper_split_reports_missing_cases_never_invents_them():
-    rows = [SplitRow("a", "HGG", "site-1"), SplitRow("b", "HGG", "site-2"), SplitRow("c", "LGG", "site-2"),
-            SplitRow("v", "HGG", "validation")]
+    rows = [
+        SplitRow("a", "HGG", "site-1"),
+        SplitRow("b", "HGG", "site-2"),
+        SplitRow("c", "LGG", "site-2"),
+        SplitRow("v", "HGG", "validation"),
+    ]
     split = paper_split(rows, available={"a", "c", "v", "extra"})
     assert split.sites == [["a"], ["c"]]
     assert split.validation == ["v"]
@@ -227,8 +232,19 @@ def test_brats18_layout_institution_strategy(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 6, "TCIA01": 4, "TCIA02": 3, "2013": 2})
     touch_case(data / "training" / "LGG" / "Brats18_TCIA10_0_1", "Brats18_TCIA10_0_1")
     out_dir = tmp_path / "dl"
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "institution",
-                         "--n_sites", "2", "--val_fraction", "0.2")
+    code, out, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        out_dir,
+        "--strategy",
+        "institution",
+        "--n_clients",
+        "2",
+        "--val_fraction",
+        "0.2",
+    )
     assert code == 0, err
     sites = [read(out_dir / f"site-{i}.json") for i in (1, 2)]
     train = [case_ids(s["training"]) for s in sites]
@@ -246,18 +262,37 @@ def test_brats18_layout_institution_strategy(capsys, tmp_path):
 
 def test_brats2020_flat_nii_layout_uses_name_mapping(capsys, tmp_path):
     data = tmp_path / "MICCAI_BraTS2020_TrainingData"
-    earlier = {1: "BraTS19_CBICA_AAB_1", 2: "BraTS19_CBICA_AAC_1", 3: "BraTS19_TCIA01_1_1", 4: "BraTS19_TMC_1_1",
-               5: "BraTS19_TMC_2_1", 6: "NA"}
-    lines = ["Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID,"
-             "BraTS_2020_subject_ID"]
+    earlier = {
+        1: "BraTS19_CBICA_AAB_1",
+        2: "BraTS19_CBICA_AAC_1",
+        3: "BraTS19_TCIA01_1_1",
+        4: "BraTS19_TMC_1_1",
+        5: "BraTS19_TMC_2_1",
+        6: "NA",
+    }
+    lines = [
+        "Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID,"
+        "BraTS_2020_subject_ID"
+    ]
     for i, old in earlier.items():
         cid = f"BraTS20_Training_{i:03d}"
         touch_case(data / cid, cid, ext=".nii")
         lines.append(f"{'LGG' if i == 4 else 'HGG'},NA,NA,NA,{old},{cid}")
     (data / "name_mapping.csv").write_text("\n".join(lines) + "\n")
     out_dir = tmp_path / "dl"
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "institution",
-                         "--n_sites", "2", "--val_fraction", "0.2")
+    code, out, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        out_dir,
+        "--strategy",
+        "institution",
+        "--n_clients",
+        "2",
+        "--val_fraction",
+        "0.2",
+    )
     assert code == 0, err
     assert "grouped as one institution 'unknown'" in err and "BraTS20_Training_006" in err
     site1 = read(out_dir / "site-1.json")
@@ -270,14 +305,34 @@ def test_brats2021_layout_random_works_institution_refused(capsys, tmp_path):
     for i in range(6):
         cid = f"BraTS2021_{i:05d}"
         touch_case(data / cid, cid)
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                         "--n_sites", "2", "--val_fraction", "0.2")
+    code, out, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        tmp_path / "dl",
+        "--strategy",
+        "random",
+        "--n_clients",
+        "2",
+        "--val_fraction",
+        "0.2",
+    )
     assert code == 0, err
     site_all = read(tmp_path / "dl" / "site-All.json")
     assert len(site_all["training"]) == 5 and len(site_all["validation"]) == 1
     assert site_all["training"][0]["image"][1].endswith("_t1.nii.gz")
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl2", "--strategy",
-                       "institution", "--n_sites", "2")
+    code, _, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        tmp_path / "dl2",
+        "--strategy",
+        "institution",
+        "--n_clients",
+        "2",
+    )
     assert code == 2 and "carry no institution" in err and "--strategy random" in err
     assert not (tmp_path / "dl2").exists()
 
@@ -289,8 +344,19 @@ def test_brats2023_case_end_to_end_through_the_pipeline(capsys, tmp_path):
         cid = f"BraTS-GLI-{i:05d}-000"
         write_case(data / cid, cid, BRATS2023_NAMING)
     out_dir = tmp_path / "dl"
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "random",
-                       "--n_sites", "1", "--val_fraction", "0.34")
+    code, _, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        out_dir,
+        "--strategy",
+        "random",
+        "--n_clients",
+        "1",
+        "--val_fraction",
+        "0.34",
+    )
     assert code == 0, err
     datalist = load_datalist(out_dir / "site-1.json")
     assert datalist["et_label"] == 3
@@ -311,8 +377,9 @@ def test_brats2023_case_end_to_end_through_the_pipeline(capsys, tmp_path):
 def test_missing_modality_stops_the_build_and_names_the_case(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 4})
     touch_case(data / "training" / "HGG" / "Brats18_TCIA01_9_1", "Brats18_TCIA01_9_1", skip=("flair",))
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                       "--n_sites", "2")
+    code, _, err = run(
+        capsys, "--dataset_base_dir", data, "--output_dir", tmp_path / "dl", "--strategy", "random", "--n_clients", "2"
+    )
     assert code == 2
     assert "incomplete: Brats18_TCIA01_9_1 in training/HGG/Brats18_TCIA01_9_1: no flair file" in err
     assert "--skip_incomplete" in err and not (tmp_path / "dl").exists()
@@ -321,8 +388,18 @@ def test_missing_modality_stops_the_build_and_names_the_case(capsys, tmp_path):
 def test_skip_incomplete_leaves_the_case_out_loudly(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 4})
     touch_case(data / "training" / "HGG" / "Brats18_TCIA01_9_1", "Brats18_TCIA01_9_1", skip=("label",))
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                       "--n_sites", "2", "--skip_incomplete")
+    code, _, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        tmp_path / "dl",
+        "--strategy",
+        "random",
+        "--n_clients",
+        "2",
+        "--skip_incomplete",
+    )
     assert code == 0
     assert "skipped: Brats18_TCIA01_9_1" in err and "no seg file" in err and "left out 1 incomplete" in err
     assert "TCIA01" not in (tmp_path / "dl" / "site-All.json").read_text()
@@ -334,8 +411,9 @@ def test_misnamed_label_file_gets_a_rename_hint(capsys, tmp_path):
         cid = f"BraTS20_Training_{i:03d}"
         touch_case(data / cid, cid, ext=".nii", skip=("label",) if i == 3 else ())
     (data / "BraTS20_Training_003" / "W39_1998.09.19_Segm.nii").touch()
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                       "--n_sites", "1")
+    code, _, err = run(
+        capsys, "--dataset_base_dir", data, "--output_dir", tmp_path / "dl", "--strategy", "random", "--n_clients", "1"
+    )
     assert code == 2
     assert "BraTS20_Training_003" in err and "no seg file" in err and "W39_1998.09.19_Segm.nii" in err
     assert "rename" in err
@@ -344,56 +422,59 @@ def test_misnamed_label_file_gets_a_rename_hint(capsys, tmp_path):
 def test_mixed_naming_schemes_are_refused(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 2})
     touch_case(data / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", BRATS2023_NAMING)
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                       "--n_sites", "1")
+    code, _, err = run(
+        capsys, "--dataset_base_dir", data, "--output_dir", tmp_path / "dl", "--strategy", "random", "--n_clients", "1"
+    )
     assert code == 2 and "mixes naming schemes" in err
 
 
 def test_same_case_in_two_folders_is_refused(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 2})
     touch_case(data / "copy" / "Brats18_CBICA_0_1", "Brats18_CBICA_0_1")
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                       "--n_sites", "1")
+    code, _, err = run(
+        capsys, "--dataset_base_dir", data, "--output_dir", tmp_path / "dl", "--strategy", "random", "--n_clients", "1"
+    )
     assert code == 2 and "Brats18_CBICA_0_1 (copy/Brats18_CBICA_0_1, training/HGG/Brats18_CBICA_0_1)" in err
 
 
 def test_stray_nifti_files_are_reported_not_silently_ignored(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 3})
     (data / "atlas.nii.gz").touch()
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", "--strategy", "random",
-                       "--n_sites", "1")
+    code, _, err = run(
+        capsys, "--dataset_base_dir", data, "--output_dir", tmp_path / "dl", "--strategy", "random", "--n_clients", "1"
+    )
     assert code == 0 and "1 NIfTI file(s)" in err and "atlas.nii.gz" in err
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--strategy", "random"], "--n_sites None"),
-        (["--strategy", "random", "--n_sites", "0"], "--n_sites 0"),
-        (["--strategy", "random", "--n_sites", "2", "--val_fraction", "1.5"], "--val_fraction 1.5"),
-        (["--strategy", "random", "--n_sites", "9"], "only 3 training case(s)"),
-        (["--strategy", "institution", "--n_sites", "2"], "only 1 institution"),
+        (["--strategy", "random"], "--n_clients None"),
+        (["--strategy", "random", "--n_clients", "0"], "--n_clients 0"),
+        (["--strategy", "random", "--n_clients", "2", "--val_fraction", "1.5"], "--val_fraction 1.5"),
+        (["--strategy", "random", "--n_clients", "9"], "only 3 training case(s)"),
+        (["--strategy", "institution", "--n_clients", "2"], "only 1 institution"),
         (["--val_fraction", "0.2"], "the paper strategy uses the validation cases"),
         (["--per_site_val"], "--per_site_val"),
-        (["--strategy", "random", "--n_sites", "2", "--trust_csv"], "--trust_csv only works with --strategy paper"),
-        (["--strategy", "random", "--n_sites", "1", "--val_csv", "v.csv", "--val_fraction", "0.2"], "--val_csv"),
-        (["--strategy", "random", "--n_sites", "1", "--name_mapping", "nope.csv"], "--name_mapping nope.csv"),
-        (["--strategy", "random", "--n_sites", "4", "--per_site_val"], "--per_site_val: site-1"),
+        (["--strategy", "random", "--n_clients", "2", "--trust_csv"], "--trust_csv only works with --strategy paper"),
+        (["--strategy", "random", "--n_clients", "1", "--val_csv", "v.csv", "--val_fraction", "0.2"], "--val_csv"),
+        (["--strategy", "random", "--n_clients", "1", "--name_mapping", "nope.csv"], "--name_mapping nope.csv"),
+        (["--strategy", "random", "--n_clients", "4", "--per_site_val"], "--per_site_val: site-1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(capsys, tmp_path, argv, message):
     data = brats18_folder(tmp_path / "d", {"CBICA": 4})
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / "dl", *argv)
+    code, out, err = run(capsys, "--dataset_base_dir", data, "--output_dir", tmp_path / "dl", *argv)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err, err
     assert not (tmp_path / "dl").exists()
 
 
 def test_missing_or_empty_dataset_folder(capsys, tmp_path):
-    code, _, err = run(capsys, "--dataset_base_dir", tmp_path / "nope", "--out_dir", tmp_path / "dl")
+    code, _, err = run(capsys, "--dataset_base_dir", tmp_path / "nope", "--output_dir", tmp_path / "dl")
     assert code == 2 and "--dataset_base_dir" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    code, _, err = run(capsys, "--dataset_base_dir", tmp_path / "empty", "--out_dir", tmp_path / "dl")
+    code, _, err = run(capsys, "--dataset_base_dir", tmp_path / "empty", "--output_dir", tmp_path / "dl")
     assert code == 2 and "no BraTS case files" in err
 
 
@@ -401,8 +482,19 @@ def test_same_input_and_seed_give_byte_identical_files(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 7, "TCIA01": 5, "TCIA02": 4, "2013": 3})
     outputs = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", tmp_path / name, "--strategy", "random",
-                           "--n_sites", "3", "--seed", seed)
+        code, _, err = run(
+            capsys,
+            "--dataset_base_dir",
+            data,
+            "--output_dir",
+            tmp_path / name,
+            "--strategy",
+            "random",
+            "--n_clients",
+            "3",
+            "--seed",
+            seed,
+        )
         assert code == 0, err
         outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.json"))})
     assert outputs[0] == outputs[1]
@@ -413,8 +505,20 @@ def test_same_input_and_seed_give_byte_identical_files(capsys, tmp_path):
 def test_per_site_validation(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 6, "TCIA01": 6})
     out_dir = tmp_path / "dl"
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "random",
-                         "--n_sites", "2", "--per_site_val", "--val_fraction", "0.25")
+    code, out, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        out_dir,
+        "--strategy",
+        "random",
+        "--n_clients",
+        "2",
+        "--per_site_val",
+        "--val_fraction",
+        "0.25",
+    )
     assert code == 0, err
     sites = [read(out_dir / f"site-{i}.json") for i in (1, 2)]
     vals = [set(case_ids(s["validation"])) for s in sites]
@@ -432,8 +536,19 @@ def test_validation_csv_shared_by_all_sites(capsys, tmp_path):
     val_csv = tmp_path / "val.csv"
     val_csv.write_text("case_id\nBrats18_CBICA_1_1\nBrats18_CBICA_4_1\nBrats18_CBICA_99_1\n")
     out_dir = tmp_path / "dl"
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "random",
-                       "--n_sites", "2", "--val_csv", val_csv)
+    code, _, err = run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--output_dir",
+        out_dir,
+        "--strategy",
+        "random",
+        "--n_clients",
+        "2",
+        "--val_csv",
+        val_csv,
+    )
     assert code == 0, err
     assert "1 of the 3 validation case(s)" in err and "Brats18_CBICA_99_1" in err
     for name in ("site-1", "site-2", "site-All"):
@@ -447,10 +562,12 @@ def test_paper_strategy_on_a_partial_folder_uses_real_paths(capsys, tmp_path):
     for cid in ("A_1", "B_1", "C_1", "V_1"):
         touch_case(data / cid, cid, ext=".nii")
     split = tmp_path / "split.csv"
-    split.write_text("case_id,grade,split\nA_1,HGG,site-1\nB_1,HGG,site-2\nC_1,LGG,site-2\nV_1,HGG,validation\n"
-                     "V_2,HGG,validation\nZ_1,HGG,site-1\n")
+    split.write_text(
+        "case_id,grade,split\nA_1,HGG,site-1\nB_1,HGG,site-2\nC_1,LGG,site-2\nV_1,HGG,validation\n"
+        "V_2,HGG,validation\nZ_1,HGG,site-1\n"
+    )
     out_dir = tmp_path / "dl"
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--split_csv", split)
+    code, _, err = run(capsys, "--dataset_base_dir", data, "--output_dir", out_dir, "--split_csv", split)
     assert code == 0, err
     assert "2 of the 6 cases" in err and "site-1 1/2" in err and "validation 1/2" in err and "Z_1" in err
     site2 = read(out_dir / "site-2.json")
@@ -461,8 +578,13 @@ def test_paper_strategy_on_a_partial_folder_uses_real_paths(capsys, tmp_path):
 def test_stale_site_files_are_pointed_out(capsys, tmp_path):
     data = brats18_folder(tmp_path / "d", {"CBICA": 6})
     out_dir = tmp_path / "dl"
-    assert run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "random", "--n_sites", "3")[0] == 0
-    code, _, err = run(capsys, "--dataset_base_dir", data, "--out_dir", out_dir, "--strategy", "random", "--n_sites", "2")
+    assert (
+        run(capsys, "--dataset_base_dir", data, "--output_dir", out_dir, "--strategy", "random", "--n_clients", "3")[0]
+        == 0
+    )
+    code, _, err = run(
+        capsys, "--dataset_base_dir", data, "--output_dir", out_dir, "--strategy", "random", "--n_clients", "2"
+    )
     assert code == 0 and "site-3.json" in err and "earlier build" in err
 
 
@@ -481,7 +603,7 @@ def test_help_explains_every_flag(capsys):
 # The real BraTS 2018 sample (8 cases: 4 of site-2, 1 of site-3, 1 of site-4, 2 validation, none of site-1)
 # ---------------------------------------------------------------------------------------------------------------
 def test_real_sample_paper_strategy_reports_what_is_missing(capsys, brats_sample, tmp_path):
-    code, _, err = run(capsys, "--dataset_base_dir", brats_sample, "--out_dir", tmp_path / "dl")
+    code, _, err = run(capsys, "--dataset_base_dir", brats_sample, "--output_dir", tmp_path / "dl")
     assert code == 2
     assert "277 of the 285 cases" in err
     assert "site-1 60/60, site-2 57/61, site-3 60/61, site-4 59/60, validation 41/43" in err
@@ -491,9 +613,13 @@ def test_real_sample_paper_strategy_reports_what_is_missing(capsys, brats_sample
 
 def test_real_sample_paper_strategy_with_a_split_of_its_own_cases(capsys, brats_sample, tmp_path):
     split = tmp_path / "split.csv"
-    split.write_text("case_id,grade,split\nBrats18_TCIA01_201_1,HGG,site-1\nBrats18_TCIA10_628_1,LGG,site-1\n"
-                     "Brats18_TCIA02_135_1,HGG,site-2\nBrats18_TCIA01_378_1,HGG,validation\n")
-    code, out, err = run(capsys, "--dataset_base_dir", brats_sample, "--out_dir", tmp_path / "dl", "--split_csv", split)
+    split.write_text(
+        "case_id,grade,split\nBrats18_TCIA01_201_1,HGG,site-1\nBrats18_TCIA10_628_1,LGG,site-1\n"
+        "Brats18_TCIA02_135_1,HGG,site-2\nBrats18_TCIA01_378_1,HGG,validation\n"
+    )
+    code, out, err = run(
+        capsys, "--dataset_base_dir", brats_sample, "--output_dir", tmp_path / "dl", "--split_csv", split
+    )
     assert code == 0, err
     assert "4 case(s) under" in err and "Brats18_TCIA13_623_1" in err  # the unused ones are named
     site1 = load_datalist(tmp_path / "dl" / "site-1.json")
@@ -503,15 +629,18 @@ def test_real_sample_paper_strategy_with_a_split_of_its_own_cases(capsys, brats_
 @pytest.mark.parametrize("strategy", ["random", "institution"])
 def test_real_sample_own_strategies(capsys, brats_sample, tmp_path, strategy):
     out_dir = tmp_path / "dl"
-    code, out, err = run(capsys, "--dataset_base_dir", brats_sample, "--out_dir", out_dir, "--strategy", strategy,
-                         "--n_sites", "2")
+    code, out, err = run(
+        capsys, "--dataset_base_dir", brats_sample, "--output_dir", out_dir, "--strategy", strategy, "--n_clients", "2"
+    )
     assert code == 0, err
     sites = [load_datalist(out_dir / f"site-{i}.json") for i in (1, 2)]
     site_all = load_datalist(out_dir / "site-All.json")
     trains = [set(case_ids(s["training"])) for s in sites]
     val = set(case_ids(site_all["validation"]))
     assert len(val) == 1 and not trains[0] & trains[1] and not val & (trains[0] | trains[1])
-    assert trains[0] | trains[1] | val == {p.name for g in ("HGG", "LGG") for p in (brats_sample / "training" / g).iterdir()}
+    assert trains[0] | trains[1] | val == {
+        p.name for g in ("HGG", "LGG") for p in (brats_sample / "training" / g).iterdir()
+    }
     assert sorted(len(t) for t in trains) == [3, 4]
     for entry in site_all["training"] + site_all["validation"]:
         assert all((brats_sample / p).is_file() for p in entry["image"] + [entry["label"]])

@@ -8,11 +8,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from handmade_cases import BRATS2023_NAMING, KNOWN_VOXELS, SHAPE, known_label, write_case
 
 from dataset_brats18 import build_datalist as bd
 from dataset_brats18 import check_dataset as cd
 from dataset_brats18.datalist import brats18_case_entry, write_datalist
-from handmade_cases import BRATS2023_NAMING, KNOWN_VOXELS, SHAPE, known_label, write_case
 
 SEG = "label"
 
@@ -52,8 +52,9 @@ def test_missing_modality(tmp_path):
 
 def test_case_absent_altogether_is_one_error(tmp_path):
     result = check(tmp_path, brats18_case_entry("Brats18_CBICA_ZZZ_1", "HGG"))
-    assert result.errors == ["missing: none of the 5 files is there (folder training/HGG/Brats18_CBICA_ZZZ_1 does not "
-                             "exist)"]
+    assert result.errors == [
+        "missing: none of the 5 files is there (folder training/HGG/Brats18_CBICA_ZZZ_1 does not exist)"
+    ]
     assert not result.opened
 
 
@@ -86,16 +87,20 @@ def test_label_3_in_a_2018_style_case(tmp_path):
 
 def test_label_4_in_a_2023_style_case(tmp_path):
     write_case(tmp_path / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", BRATS2023_NAMING, arrays={SEG: known_label(4)})
-    entry = {"image": [f"BraTS-GLI-00001-000/BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1c", "t1n", "t2w", "t2f")],
-             "label": "BraTS-GLI-00001-000/BraTS-GLI-00001-000-seg.nii.gz"}
+    entry = {
+        "image": [f"BraTS-GLI-00001-000/BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1c", "t1n", "t2w", "t2f")],
+        "label": "BraTS-GLI-00001-000/BraTS-GLI-00001-000-seg.nii.gz",
+    }
     result = check(tmp_path, entry, et_label=3)
     assert not result.usable and "label values [4]" in result.errors[0] and '"et_label": 4' in result.errors[0]
 
 
 def test_2023_style_case_with_label_3_is_fine(tmp_path):
     write_case(tmp_path / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", BRATS2023_NAMING)
-    entry = {"image": [f"BraTS-GLI-00001-000/BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1c", "t1n", "t2w", "t2f")],
-             "label": "BraTS-GLI-00001-000/BraTS-GLI-00001-000-seg.nii.gz"}
+    entry = {
+        "image": [f"BraTS-GLI-00001-000/BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1c", "t1n", "t2w", "t2f")],
+        "label": "BraTS-GLI-00001-000/BraTS-GLI-00001-000-seg.nii.gz",
+    }
     result = check(tmp_path, entry, et_label=3)
     assert result.usable and result.volumes_ml["et"] == pytest.approx(KNOWN_VOXELS["et"] / 1000.0)
 
@@ -153,10 +158,12 @@ def test_value_counts_fast_and_general_paths_agree():
 
 
 def test_volume_stats_median_min_max():
-    checks = [cd.CaseCheck("a", volumes_ml={"tc": 1.0, "wt": 4.0, "et": 0.0}),
-              cd.CaseCheck("b", volumes_ml={"tc": 3.0, "wt": 8.0, "et": 2.0}),
-              cd.CaseCheck("c", volumes_ml={"tc": 2.0, "wt": 5.0, "et": 1.0}),
-              cd.CaseCheck("d", errors=["x"])]  # unmeasured cases do not count
+    checks = [
+        cd.CaseCheck("a", volumes_ml={"tc": 1.0, "wt": 4.0, "et": 0.0}),
+        cd.CaseCheck("b", volumes_ml={"tc": 3.0, "wt": 8.0, "et": 2.0}),
+        cd.CaseCheck("c", volumes_ml={"tc": 2.0, "wt": 5.0, "et": 1.0}),
+        cd.CaseCheck("d", errors=["x"]),
+    ]  # unmeasured cases do not count
     assert cd.volume_stats(checks) == {"tc": (2.0, 1.0, 3.0), "wt": (5.0, 4.0, 8.0), "et": (1.0, 0.0, 2.0)}
 
 
@@ -183,11 +190,14 @@ def small_dataset(tmp_path) -> tuple[Path, Path]:
 
 def test_cli_all_usable_prints_volumes_per_site(capsys, small_dataset):
     data, dl = small_dataset
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--datalist_dir", dl)
+    code, out, err = run(capsys, "--dataset_base_dir", data, "--datalist_json_path", dl)
     assert code == 0, out + err
     assert "checking 4 case(s) listed in site-1, site-2, site-All" in out
-    lines = {line.split()[0] + (" " + line.split()[1] if line.startswith("validation") else ""): line
-             for line in out.splitlines() if line.startswith(("site-", "validation"))}
+    lines = {
+        line.split()[0] + (" " + line.split()[1] if line.startswith("validation") else ""): line
+        for line in out.splitlines()
+        if line.startswith(("site-", "validation"))
+    }
     assert lines["site-1"].split()[1:4] == ["1", "1", "0"]  # training, validation, unusable
     assert lines["site-2"].split()[1:4] == ["2", "1", "0"]
     assert lines["site-All"].split()[1:4] == ["3", "1", "0"]
@@ -208,7 +218,7 @@ def test_cli_volume_table_values(capsys, tmp_path):
     dl = tmp_path / "dl"
     write_datalist(dl / "site-1.json", entries[:2], [entries[2]])
     write_datalist(dl / "site-All.json", entries[:2], [entries[2]])
-    code, out, _ = run(capsys, "--dataset_base_dir", data, "--datalist_dir", dl)
+    code, out, _ = run(capsys, "--dataset_base_dir", data, "--datalist_json_path", dl)
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("site-1"))
     # voxel 1 ml; ET 4/8 ml, TC 8/16 ml, WT 12/24 ml -> median is the mean of the two
@@ -219,8 +229,8 @@ def test_cli_bad_case_exit_1_and_named(capsys, small_dataset):
     data, dl = small_dataset
     seg = data / "training/HGG/Brats18_CBICA_A1_1/Brats18_CBICA_A1_1_seg.nii.gz"
     nib.save(nib.Nifti1Image(known_label(3), np.eye(4)), seg)
-    code, out, err = run(capsys, "--dataset_base_dir", data, "--datalist_dir", dl, "--problems_only")
-    assert code == cd.EXIT_UNUSABLE
+    code, out, err = run(capsys, "--dataset_base_dir", data, "--datalist_json_path", dl, "--problems_only")
+    assert code == cd.EXIT_FAILED
     assert "UNUSABLE training/HGG/Brats18_CBICA_A1_1" in out and "label values [3]" in out
     assert "ok " not in out  # --problems_only
     assert "1 unusable" in out and err.startswith("error: 1 case(s) unusable")
@@ -230,9 +240,21 @@ def test_cli_bad_case_exit_1_and_named(capsys, small_dataset):
 
 def test_cli_writes_a_csv_and_workers_give_the_same_answer(capsys, small_dataset, tmp_path):
     data, dl = small_dataset
-    run(capsys, "--dataset_base_dir", data, "--datalist_dir", dl, "--csv", tmp_path / "one.csv")
-    run(capsys, "--dataset_base_dir", data, "--datalist_dir", dl, "--csv", tmp_path / "two.csv", "--workers", "2")
-    one, two = ([line.rsplit(",", 1)[0] for line in (tmp_path / n).read_text().splitlines()] for n in ("one.csv", "two.csv"))
+    run(capsys, "--dataset_base_dir", data, "--datalist_json_path", dl, "--csv", tmp_path / "one.csv")
+    run(
+        capsys,
+        "--dataset_base_dir",
+        data,
+        "--datalist_json_path",
+        dl,
+        "--csv",
+        tmp_path / "two.csv",
+        "--num_workers",
+        "2",
+    )
+    one, two = (
+        [line.rsplit(",", 1)[0] for line in (tmp_path / n).read_text().splitlines()] for n in ("one.csv", "two.csv")
+    )
     assert one == two and len(one) == 5
     assert one[0] == "case,usable,tc_ml,wt_ml,et_ml,errors,warnings"
     assert one[1].startswith("training/HGG/Brats18_CBICA_A0_1,1,0.016,0.024,0.008")
@@ -242,7 +264,7 @@ def test_cli_headers_only_still_reads_labels(capsys, small_dataset):
     data, dl = small_dataset
     seg = data / "training/HGG/Brats18_CBICA_A2_1/Brats18_CBICA_A2_1_seg.nii.gz"
     nib.save(nib.Nifti1Image(known_label(3), np.eye(4)), seg)
-    code, out, _ = run(capsys, "--dataset_base_dir", data, "--datalist_dir", dl, "--headers_only")
+    code, out, _ = run(capsys, "--dataset_base_dir", data, "--datalist_json_path", dl, "--headers_only")
     assert code == 1 and "label values [3]" in out and "(headers and labels)" in out
 
 
@@ -250,8 +272,8 @@ def test_cli_headers_only_still_reads_labels(capsys, small_dataset):
     "breakage, argv, message",
     [
         ("none", ["--dataset_base_dir", "{tmp}/nope"], "--dataset_base_dir"),
-        ("none", ["--datalist_dir", "{tmp}/nope"], "--datalist_dir"),
-        ("none", ["--workers", "0"], "--workers 0"),
+        ("none", ["--datalist_json_path", "{tmp}/nope"], "--datalist_json_path"),
+        ("none", ["--num_workers", "0"], "--num_workers 0"),
         ("none", ["--datalists", "site-9"], "site-9.json not in"),
         ("bad_json", [], "is not valid JSON"),
         ("no_sites", [], "holds no site-*.json"),
@@ -269,7 +291,7 @@ def test_cli_bad_input_exit_2(capsys, small_dataset, tmp_path, breakage, argv, m
         content = json.loads((dl / "site-2.json").read_text())
         content["et_label"] = 3
         (dl / "site-2.json").write_text(json.dumps(content))
-    base = ["--dataset_base_dir", str(data), "--datalist_dir", str(dl)]
+    base = ["--dataset_base_dir", str(data), "--datalist_json_path", str(dl)]
     code, out, err = run(capsys, *base, *[a.format(tmp=tmp_path) for a in argv])
     assert code == cd.EXIT_BAD_INPUT
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
@@ -294,10 +316,30 @@ def test_help_explains_every_flag(capsys):
 # Real BraTS 2018 cases
 # ---------------------------------------------------------------------------------------------------------------
 def test_real_sample_all_usable_and_volumes_match_an_independent_count(capsys, brats_sample, tmp_path):
-    assert bd.main(["--dataset_base_dir", str(brats_sample), "--out_dir", str(tmp_path / "dl"),
-                    "--strategy", "institution", "--n_sites", "2"]) == 0
-    code, out, _ = run(capsys, "--dataset_base_dir", brats_sample, "--datalist_dir", tmp_path / "dl",
-                       "--csv", tmp_path / "cases.csv")
+    assert (
+        bd.main(
+            [
+                "--dataset_base_dir",
+                str(brats_sample),
+                "--output_dir",
+                str(tmp_path / "dl"),
+                "--strategy",
+                "institution",
+                "--n_clients",
+                "2",
+            ]
+        )
+        == 0
+    )
+    code, out, _ = run(
+        capsys,
+        "--dataset_base_dir",
+        brats_sample,
+        "--datalist_json_path",
+        tmp_path / "dl",
+        "--csv",
+        tmp_path / "cases.csv",
+    )
     assert code == 0, out
     assert "8 case(s): 8 usable, 0 unusable, 0 with warnings" in out
     seg = brats_sample / "training/HGG/Brats18_TCIA01_201_1/Brats18_TCIA01_201_1_seg.nii.gz"
@@ -311,7 +353,7 @@ def test_real_sample_all_usable_and_volumes_match_an_independent_count(capsys, b
 
 def test_real_sample_against_the_shipped_datalists_names_every_missing_case(capsys, brats_sample):
     code, out, _ = run(capsys, "--dataset_base_dir", brats_sample, "--headers_only", "--problems_only")
-    assert code == cd.EXIT_UNUSABLE
+    assert code == cd.EXIT_FAILED
     assert "285 case(s): 8 usable, 277 unusable" in out
     assert out.count("UNUSABLE ") == 277 and out.count("error: missing: none of the 5 files") == 277
     assert "UNUSABLE training/HGG/Brats18_CBICA_AOD_1" in out

@@ -6,15 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-import brats_pipeline as bp
-import dpsgd
+import brats_fl.pipeline as bp
+from brats_fl.privacy import dpsgd
+from brats_fl.privacy.dpsgd import DPSGDPlan
 from model import BratsSegResNet
-from privacy import DPSGDPlan
 
 
 def plan(n_train: int = 4, noise_multiplier: float = 0.0, max_grad_norm: float = 1.0) -> DPSGDPlan:
-    return DPSGDPlan(n_train=n_train, num_rounds=1, epochs_per_round=1, target_epsilon=8.0, delta=0.01,
-                     max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
+    return DPSGDPlan(
+        n_train=n_train,
+        num_rounds=1,
+        epochs_per_round=1,
+        target_epsilon=8.0,
+        delta=0.01,
+        max_grad_norm=max_grad_norm,
+        noise_multiplier=noise_multiplier,
+    )
 
 
 def linear_model(w=(1.0, 2.0)) -> torch.nn.Linear:
@@ -56,8 +63,9 @@ def test_an_empty_batch_is_a_step_of_pure_noise():
     assert torch.equal(quiet.weight, torch.tensor([[1.0, 2.0]]))  # no noise configured: nothing moves
 
     noisy = linear_model()
-    opt = dpsgd.make_dp_optimizer(torch.optim.SGD(noisy.parameters(), lr=1.0), plan(noise_multiplier=1.0),
-                                  dpsgd.secret_generator())
+    opt = dpsgd.make_dp_optimizer(
+        torch.optim.SGD(noisy.parameters(), lr=1.0), plan(noise_multiplier=1.0), dpsgd.secret_generator()
+    )
     dpsgd.set_per_case_gradients(noisy, sum_loss, None, None)
     opt.step()
     assert not torch.equal(noisy.weight, torch.tensor([[1.0, 2.0]]))
@@ -66,8 +74,11 @@ def test_an_empty_batch_is_a_step_of_pure_noise():
 def test_noise_has_the_calibrated_standard_deviation():
     model = torch.nn.Linear(1000, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    opt = dpsgd.make_dp_optimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                                  plan(noise_multiplier=1.5, max_grad_norm=0.2), dpsgd.secret_generator())
+    opt = dpsgd.make_dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        plan(noise_multiplier=1.5, max_grad_norm=0.2),
+        dpsgd.secret_generator(),
+    )
     dpsgd.set_per_case_gradients(model, sum_loss, None, None)
     opt.step()
     assert float(model.weight.detach().std()) == pytest.approx(1.5 * 0.2, rel=0.1)  # sd = noise multiplier x clip bound
@@ -103,8 +114,9 @@ def test_one_dp_round_trains_segresnet_on_synthetic_cases(tiny_federation):
     p = plan(n_train=len(train), noise_multiplier=1.0)
     secret = dpsgd.secret_generator()
     opt = dpsgd.make_dp_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), p, secret)
-    steps, loss = dpsgd.train_one_round(model, None, dpsgd.poisson_loader(train, p, secret), opt, bp.make_loss(),
-                                        None, 1, torch.device("cpu"))
+    steps, loss = dpsgd.train_one_round(
+        model, None, dpsgd.poisson_loader(train, p, secret), opt, bp.make_loss(), None, 1, torch.device("cpu")
+    )
     assert steps == len(train)
     assert 0.0 <= loss <= 1.0  # mean Dice loss of the cases drawn (0 if none was drawn)
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # noise reaches every tensor

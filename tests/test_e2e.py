@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recording_filter import UpdateRecorder
 
 import job
-from recording_filter import UpdateRecorder
-from result_stat.job_results import JobPaths, summarize_job
+from brats_fl.job_results import JobPaths, summarize_job
+from brats_fl.privacy.svt import make_svt_filter
 from result_stat.tb_events import read_site_scalars
 
 pytestmark = pytest.mark.e2e
@@ -21,25 +22,41 @@ TAGS = {"val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et", "train_loss"}
 
 def tiny_args(data_dir: Path, datalist_dir: Path, workspace: Path, *extra: str) -> list[str]:
     return [
-        "--dataset_base_dir", str(data_dir), "--datalist_json_path", str(datalist_dir),
-        "--workspace", str(workspace), "--num_rounds", "2",
-        "--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24",
-        "--init_filters", "8", "--learning_rate", "1e-3", *extra,
-    ]  # fmt: skip
+        "--dataset_base_dir",
+        str(data_dir),
+        "--datalist_json_path",
+        str(datalist_dir),
+        "--workspace",
+        str(workspace),
+        "--num_rounds",
+        "2",
+        "--roi_size",
+        "32",
+        "32",
+        "24",
+        "--infer_roi_size",
+        "32",
+        "32",
+        "24",
+        "--init_filters",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 def run_recorded(argv: list[str], record_dir: Path):
     """Run the job as job.py would, with recorders around the (optional) DP filter and at the server's input."""
     inputs = job.prepare(argv)
-    args = inputs.args
-    enable_dp, args.enable_dp = args.enable_dp, False
-    recipe = job.build_recipe(args, inputs.dataset_base_dir, inputs.datalist_dir)
+    mechanism, inputs.settings.dp_mechanism = inputs.settings.dp_mechanism, None
+    recipe = job.build_recipe(inputs)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
-    if enable_dp:
-        job.add_svt_filter(recipe, args)
+    if mechanism == "svt":
+        recipe.add_client_output_filter(make_svt_filter(job.svt_settings(inputs.settings)), tasks=["train"])
     recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
-    job.run(args, recipe)
-    return args
+    job.run(inputs.args, recipe)
+    return inputs.args
 
 
 def load_update(record_dir: Path, tag: str, site: str, round_num: int) -> tuple[dict, dict]:
@@ -98,7 +115,7 @@ def test_federated_two_clients_with_dp_changes_every_update(tiny_federation, tmp
 def test_centralised_single_client_from_the_command_line(tiny_federation, tmp_path):
     data_dir, datalist_dir = tiny_federation
     argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "1")
-    done = subprocess.run([sys.executable, str(job.REPO_DIR / "job.py"), *argv], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "job.py", *argv], capture_output=True, text=True, cwd=job.REPO_DIR)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Job brats18_1 finished: 2 rounds" in done.stdout
     assert "best global val_dice" in done.stdout and "tensorboard --logdir" in done.stdout
@@ -127,7 +144,7 @@ def test_a_crashing_client_fails_the_job(tiny_federation, tmp_path, capsys):
     argv = tiny_args(broken, broken / "datalist", tmp_path / "ws", "--n_clients", "2")
     code = job.main(argv)
     out, err = capsys.readouterr()
-    assert code == job.EXIT_JOB_FAILED
+    assert code == job.EXIT_FAILED
     assert "error: job brats18_2 failed: site-2: ValueError:" in err
     assert Path(first).name in err and "label values [3]" in err  # names the file and the offending value
     assert "finished:" not in out

@@ -13,13 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-import brats_pipeline as bp
-from model import BratsSegResNet
-from result_stat import brats_metrics as bm
-from result_stat import evaluate as ev
-from result_stat.job_results import best_round_of, read_round_metrics
 from tiny_job import REPO_DIR, tiny_job_paths
+
+import brats_fl.pipeline as bp
+from brats_fl import metrics as bm
+from brats_fl.job_results import best_round_of, read_round_metrics
+from model import BratsSegResNet
+from result_stat import evaluate as ev
 
 TOLERANCE = 1e-3
 
@@ -94,8 +94,11 @@ def test_case_id_of_brats_file_names():
 # --- bad input -----------------------------------------------------------------------------------------------------
 def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
     cases = [
-        ([], "nothing to evaluate"),
-        (["--workspace", str(tmp_path), "--jobs", "brats18_9"], "--jobs brats18_9: no best model"),
+        (
+            ["--workspace", str(tmp_path)],
+            "none of brats18_1, brats18_4, brats18_4_dp, brats18_4_dpsgd has a best model",
+        ),
+        (["--workspace", str(tmp_path), "--job_names", "brats18_9"], "--job_names brats18_9: no best model"),
         (["--models", str(tmp_path / "none.pt")], "--models"),
     ]
     for argv, expected in cases:
@@ -129,15 +132,14 @@ def test_bad_data_flags_exit_2(tiny_federation, tmp_path, capsys):
 
 # --- the tiny real job ---------------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_job_config_gives_the_clients_data_and_window(tiny_job, tiny_federation):
+def test_job_settings_give_the_sites_data_and_window(tiny_job, tiny_federation):
     dataset_dir, datalist_dir = tiny_federation
-    args = ev.job_client_args(tiny_job.best_model)
-    assert Path(args["dataset_base_dir"]) == dataset_dir.resolve()
-    assert Path(args["datalist_json_path"]) == datalist_dir.resolve()
-    assert args["infer_roi_size"] == [32, 32, 24]
+    settings = ev.job_settings(tiny_job.best_model)
+    assert Path(settings["dataset_base_dir"]) == dataset_dir.resolve()
+    assert Path(settings["datalist_json_path"]) == datalist_dir.resolve()
+    assert settings["infer_roi_size"] == (32, 32, 24)
 
 
-@pytest.mark.e2e
 def metric_distance(a: dict[str, float], b: dict[str, float]) -> float:
     """Largest difference over the Dice metrics both dicts hold."""
     keys = [k for k in ("val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et") if k in a and k in b]
@@ -194,11 +196,25 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
     dataset_dir, _ = tiny_federation
     out = tmp_path / "eval"
     done = subprocess.run(
-        [sys.executable, str(REPO_DIR / "result_stat" / "evaluate.py"), "--workspace", str(tiny_job.workspace_root),
-         "--jobs", tiny_job.job_name, "--output_dir", str(out), "--save_predictions", "--score_label_maps",
-         "--device", "cpu"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "result_stat.evaluate",
+            "--workspace",
+            str(tiny_job.workspace_root),
+            "--job_names",
+            tiny_job.job_name,
+            "--output_dir",
+            str(out),
+            "--save_predictions",
+            "--score_label_maps",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
@@ -234,11 +250,23 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
 
 @pytest.mark.e2e
 def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job, tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "BRATS_WORKSPACE": str(tiny_job.workspace_root)}
+    env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(
-        ["bash", str(REPO_DIR / "result_stat" / "testing_models_3d.sh"), "-o", str(tmp_path), "--", "--device", "cpu"],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+        [
+            "bash",
+            str(REPO_DIR / "result_stat" / "testing_models_3d.sh"),
+            "--workspace",
+            str(tiny_job.workspace_root),
+            "--output_dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "skipping brats18_1: not run" in done.stdout
     assert "skipping brats18_4_dp: not run" in done.stdout
@@ -248,7 +276,13 @@ def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job,
 
 
 def test_shell_script_without_any_job_exits_2(tmp_path):
-    done = subprocess.run(["bash", str(REPO_DIR / "result_stat" / "testing_models_3d.sh"), "-w", str(tmp_path)],
-                          capture_output=True, text=True)  # fmt: skip
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(REPO_DIR / "result_stat" / "testing_models_3d.sh"), "--workspace", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "run job.py first" in done.stderr

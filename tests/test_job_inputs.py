@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import job
+from brats_fl.settings import DEMO_OVERRIDES
 from dataset_brats18.datalist import brats18_case_entry, write_datalist
 
 TINY = ["--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24", "--num_rounds", "2"]
@@ -142,9 +143,20 @@ def test_failed_checks_leave_an_existing_job_folder_alone(capsys, dataset):
     previous.parent.mkdir(parents=True)
     previous.write_text("results of an earlier run")
     code, _ = run_main(
-        capsys, "--dataset_base_dir", str(data_dir), "--datalist_json_path", str(datalist_dir),
-        "--workspace", str(workspace), "--n_clients", "2", "--enable_dp", "--dp_epsilon", "-1", *TINY,
-    )  # fmt: skip
+        capsys,
+        "--dataset_base_dir",
+        str(data_dir),
+        "--datalist_json_path",
+        str(datalist_dir),
+        "--workspace",
+        str(workspace),
+        "--n_clients",
+        "2",
+        "--enable_dp",
+        "--dp_epsilon",
+        "-1",
+        *TINY,
+    )
     assert code == job.EXIT_BAD_INPUT
     assert previous.read_text() == "results of an earlier run"
 
@@ -157,7 +169,7 @@ def test_label_convention_recorded_in_datalist_must_be_known(capsys, dataset):
 
 
 def test_help_explains_every_flag():
-    done = subprocess.run([sys.executable, str(job.REPO_DIR / "job.py"), "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "job.py", "--help"], capture_output=True, text=True, cwd=job.REPO_DIR)
     assert done.returncode == 0
     for action in job.build_parser()._actions:
         for flag in action.option_strings:
@@ -170,7 +182,7 @@ def test_help_explains_every_flag():
 def test_default_job_names():
     def name(*argv):
         args = job.build_parser().parse_args(list(argv))
-        job.apply_defaults(args)
+        job.check_job_flags(args)
         return args.job_name
 
     assert name("--n_clients", "1") == "brats18_1"
@@ -180,12 +192,18 @@ def test_default_job_names():
 
 
 def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_flags():
-    demo = job.build_parser().parse_args(["--num_rounds", "3"])
-    assert job.apply_defaults(demo) is True
-    assert demo.num_rounds == 3 and demo.roi_size == job.DEMO_DEFAULTS["roi_size"]
-    real = job.build_parser().parse_args(["--dataset_base_dir", "/data"])
-    assert job.apply_defaults(real) is False
-    assert real.num_rounds == 600 and real.roi_size == [224, 224, 144] and real.learning_rate == 1e-4
+    def settings(*argv, demo):
+        args = job.build_parser().parse_args(list(argv))
+        job.check_job_flags(args)
+        return job.settings_from_flags(args, demo)
+
+    demo = settings("--num_rounds", "3", demo=True)
+    assert demo.num_rounds == 3 and demo.roi_size == DEMO_OVERRIDES["roi_size"] and demo.learning_rate == 2e-3
+    real = settings("--dataset_base_dir", "/data", demo=False)
+    assert real.num_rounds == 600 and real.roi_size == (224, 224, 144) and real.learning_rate == 1e-4
+    assert not real.centralised and real.amp and real.dp_mechanism is None
+    one = settings("--n_clients", "1", "--no_amp", "--enable_dp", "--dp_mechanism", "dpsgd", demo=False)
+    assert one.centralised and not one.amp and one.dp_mechanism == "dpsgd"
 
 
 def test_brats18_entry_uses_official_layout():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import brats_pipeline as bp
+import brats_fl.pipeline as bp
 
 
 def hand_made_labels(et: int) -> np.ndarray:

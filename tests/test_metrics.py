@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-import brats_pipeline as bp
+import brats_fl.pipeline as bp
 
 
 def masks(*channels):

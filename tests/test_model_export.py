@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import job
+from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 from model import BratsSegResNet, count_parameters
 
 PAPER_PARAMETER_COUNT = 4_702_227
@@ -17,9 +18,9 @@ PAPER_PARAMETER_COUNT = 4_702_227
 
 def export_job(tmp_path: Path, *flags: str) -> Path:
     args = job.build_parser().parse_args(["--workspace", str(tmp_path / "ws"), *flags])
-    job.apply_defaults(args)
-    recipe = job.build_recipe(args, tmp_path / "data", tmp_path / "datalist")
-    recipe.export(job_dir=str(tmp_path / "exported"))
+    job.check_job_flags(args)
+    inputs = job.JobInputs(args, job.settings_from_flags(args, demo=False), demo=False)
+    job.build_recipe(inputs).export(job_dir=str(tmp_path / "exported"))
     return tmp_path / "exported" / args.job_name / "app"
 
 
@@ -64,6 +65,13 @@ def test_server_rebuilds_the_same_seeded_initial_weights(tmp_path):
     assert any(not torch.equal(v, other_seed.state_dict()[k]) for k, v in server_model.state_dict().items())
 
 
-def test_exported_client_app_carries_the_shared_pipeline(tmp_path):
-    custom = {p.name for p in (export_job(tmp_path) / "custom").iterdir()}
-    assert {"client.py", "brats_pipeline.py", "model.py"} <= custom
+def test_exported_client_app_carries_the_package_and_its_settings(tmp_path):
+    app_dir = export_job(tmp_path, "--learning_rate", "0.003")
+    custom = app_dir / "custom"
+    assert {p.name for p in custom.iterdir()} == {"client.py", "model.py", "brats_fl", SETTINGS_FILE}
+    assert (custom / "brats_fl" / "pipeline.py").is_file() and (custom / "brats_fl" / "privacy" / "dpsgd.py").is_file()
+    assert not list(custom.rglob("__pycache__"))
+    assert TrainingSettings.read(custom / SETTINGS_FILE).learning_rate == 0.003
+    config = json.loads((app_dir / "config" / "config_fed_client.json").read_text())
+    scripts = [e["executor"]["args"].get("task_script_path") for e in config["executors"]]
+    assert scripts == ["client.py"]  # relative: the exported job runs on a machine without this repository

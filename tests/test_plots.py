@@ -13,10 +13,11 @@ import pytest
 
 matplotlib.use("Agg")
 
+from tiny_job import tiny_job_paths  # noqa: E402
+
+from brats_fl.job_results import JobPaths, read_round_metrics  # noqa: E402
 from result_stat import plot_case as pc  # noqa: E402
 from result_stat import plot_tensorboard_events as pt  # noqa: E402
-from result_stat.job_results import JobPaths, read_round_metrics  # noqa: E402
-from tiny_job import tiny_job_paths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_cli_plots_every_job_from_event_files_and_skips_missing_ones(tmp_path, c
         for site in ("site-1", "site-2"):
             write_events(JobPaths(ws, job).tb_events / site, {"val_dice": values})
     out = tmp_path / "figs"
-    argv = ["--workspace", str(ws), "--out_dir", str(out), "--tags", "val_dice", "--prefix", "t_", "--note", "n"]
+    argv = ["--workspace", str(ws), "--output_dir", str(out), "--tags", "val_dice", "--prefix", "t_", "--note", "n"]
     assert pt.main(argv) == 0
     printed = capsys.readouterr().out
     assert "skipping brats18_4_dp: no TensorBoard events" in printed
@@ -91,8 +92,9 @@ def test_cli_plots_every_job_from_event_files_and_skips_missing_ones(tmp_path, c
     fig = pt.plot_tag({"Central (brats18_1)": ([0, 1, 2, 3], curves["brats18_1"])}, "val_dice", 0.8)
     lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
     np.testing.assert_allclose(lines["raw:Central (brats18_1)"].get_ydata(), curves["brats18_1"])
-    np.testing.assert_allclose(lines["smoothed:Central (brats18_1)"].get_ydata(),
-                               pt.tensorboard_smooth(curves["brats18_1"], 0.8))  # fmt: skip
+    np.testing.assert_allclose(
+        lines["smoothed:Central (brats18_1)"].get_ydata(), pt.tensorboard_smooth(curves["brats18_1"], 0.8)
+    )
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
@@ -111,7 +113,7 @@ def test_curves_of_a_real_job_match_the_server_round_metrics(tiny_job, tmp_path)
     for tag, (rounds, values) in curves.items():
         assert rounds == sorted(server)
         assert values == pytest.approx([server[r][tag] for r in rounds], abs=1e-6)
-    assert pt.main(["--workspace", str(tiny_job.workspace_root), "--out_dir", str(tmp_path)]) == 0
+    assert pt.main(["--workspace", str(tiny_job.workspace_root), "--output_dir", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{tag}.{ext}" for tag in pt.TAG_TITLES for ext in ("png", "svg")
     )
@@ -198,9 +200,17 @@ def test_case_picture_of_a_shifted_prediction_outlines_it_elsewhere():
 
 @pytest.mark.e2e
 def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys):
-    out = tmp_path / "case.png"
-    argv = ["--workspace", str(tiny_job.workspace_root), "--job", tiny_job.job_name, "--out", str(out),
-            "--device", "cpu"]  # fmt: skip
+    out = tmp_path / "case_Brats18_SYN_008_1.png"
+    argv = [
+        "--workspace",
+        str(tiny_job.workspace_root),
+        "--job_name",
+        tiny_job.job_name,
+        "--output_dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
     assert pc.main(argv) == 0
     assert "Brats18_SYN_008_1" in capsys.readouterr().out  # the first validation case by default
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -208,9 +218,9 @@ def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys):
 
 
 def test_case_picture_bad_input_exits_2(tmp_path, capsys):
-    assert pc.main(["--job", "a", "--model", "b"]) == 2
+    assert pc.main(["--job_name", "a", "--model", "b"]) == 2
     assert "exactly one" in capsys.readouterr().err
-    assert pc.main(["--workspace", str(tmp_path), "--job", "brats18_4"]) == 2
+    assert pc.main(["--workspace", str(tmp_path), "--job_name", "brats18_4"]) == 2
     assert "no model at" in capsys.readouterr().err
     (tmp_path / "p.nii.gz").write_bytes(b"")
     assert pc.main(["--prediction", str(tmp_path / "p.nii.gz")]) == 2

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 import job
-import privacy
-from privacy import DPSGDPlan, PrivacyConfigError, SVTSettings
+from brats_fl import privacy
+from brats_fl.privacy import PrivacyConfigError, dpsgd, svt
+from brats_fl.privacy import __main__ as privacy_cli
+from brats_fl.privacy import report as privacy_report
+from brats_fl.privacy.dpsgd import DPSGDPlan
+from brats_fl.privacy.svt import SVTSettings
 
 PAPER_SVT = SVTSettings(fraction=0.9, epsilon=0.001, noise_var=1.0, gamma=1e-4)
 
@@ -18,7 +22,7 @@ PAPER_SVT = SVTSettings(fraction=0.9, epsilon=0.001, noise_var=1.0, gamma=1e-4)
 # SVT
 # ---------------------------------------------------------------------------------------------------------------
 def test_svt_budget_of_a_ten_value_update_by_hand():
-    b = privacy.svt_round_budget(10, SVTSettings(fraction=0.5, epsilon=1.0, noise_var=0.1, gamma=0.01))
+    b = svt.svt_round_budget(10, SVTSettings(fraction=0.5, epsilon=1.0, noise_var=0.1, gamma=0.01))
     assert b.n_upload == 5
     # threshold : query = 1 : (2 * 5)^(2/3) = 1 : 4.6415888...
     assert b.epsilon_threshold == pytest.approx(1 / 5.641588833612779, rel=1e-12)
@@ -31,8 +35,8 @@ def test_svt_budget_of_a_ten_value_update_by_hand():
 
 
 def test_svt_upload_count_rounds_up_and_never_exceeds_the_update():
-    assert privacy.svt_round_budget(7, SVTSettings(0.5, 1.0, 1.0, 1e-4)).n_upload == 4
-    assert privacy.svt_round_budget(7, SVTSettings(1.0, 1.0, 1.0, 1e-4)).n_upload == 7
+    assert svt.svt_round_budget(7, SVTSettings(0.5, 1.0, 1.0, 1e-4)).n_upload == 4
+    assert svt.svt_round_budget(7, SVTSettings(1.0, 1.0, 1.0, 1e-4)).n_upload == 7
 
 
 def job_svt_filter(*flags: str):
@@ -44,10 +48,14 @@ def job_svt_filter(*flags: str):
         def add_client_output_filter(self, f, tasks=None):
             self.filters.append((f, tasks))
 
+        def add_server_input_filter(self, f, tasks=None):
+            pass
+
     args = job.build_parser().parse_args(["--enable_dp", *flags])
+    job.check_job_flags(args)
     recipe = Recorder()
-    job.add_svt_filter(recipe, args)
-    (svt, tasks), = recipe.filters
+    job.add_privacy(recipe, job.settings_from_flags(args, demo=False), args.n_clients)
+    ((svt, tasks),) = recipe.filters
     return svt, tasks
 
 
@@ -61,16 +69,18 @@ def run_filter(svt, data_kind: str, data: dict, num_steps: int = 4):
 
 def small_update(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {"conv.weight": rng.normal(0, 1e-4, (30, 10)).astype(np.float32),
-            "conv.bias": rng.normal(0, 1e-4, 70).astype(np.float32)}
+    return {
+        "conv.weight": rng.normal(0, 1e-4, (30, 10)).astype(np.float32),
+        "conv.bias": rng.normal(0, 1e-4, 70).astype(np.float32),
+    }
 
 
 def test_nvflare_svt_reports_exactly_the_formula_on_a_small_model():
-    svt, tasks = job_svt_filter("--dp_fraction", "0.9", "--dp_epsilon", "0.001", "--dp_noise_var", "1.0")
+    svt_filter, tasks = job_svt_filter("--dp_fraction", "0.9", "--dp_epsilon", "0.001", "--dp_noise_var", "1.0")
     assert tasks == ["train"]
-    out = run_filter(svt, "WEIGHT_DIFF", small_update())
+    out = run_filter(svt_filter, "WEIGHT_DIFF", small_update())
     reported = out.get_meta_prop(privacy.SVT_BUDGET_META)
-    expected = privacy.svt_round_budget(370, PAPER_SVT)
+    expected = svt.svt_round_budget(370, PAPER_SVT)
     assert reported["n_upload"] == expected.n_upload == 333
     for part in ("epsilon_threshold", "epsilon_query", "epsilon_release", "epsilon_total"):
         assert reported[part] == pytest.approx(getattr(expected, part), rel=1e-12), part
@@ -79,45 +89,45 @@ def test_nvflare_svt_reports_exactly_the_formula_on_a_small_model():
 
 
 def test_svt_released_values_are_noisy_and_their_count_matches_the_prediction():
-    svt, _ = job_svt_filter()
+    svt_filter, _ = job_svt_filter()
     update = small_update(1)
     n = 370
     nonzero = []
     for _ in range(20):
-        out = run_filter(svt, "WEIGHT_DIFF", update)
+        out = run_filter(svt_filter, "WEIGHT_DIFF", update)
         nonzero.append(sum(int((v != 0).sum()) for v in out.data.values()) / n)
         # every released value is a clipped value (|v/steps| <= gamma) plus Laplace(2 gamma) noise, times steps
         released = np.concatenate([v.ravel() for v in out.data.values()])
         assert np.abs(released).max() > 4 * 1e-4  # noise, not the tiny original values
-    low, high = privacy.svt_distinct_fraction_range(privacy.svt_round_budget(n, PAPER_SVT))
+    low, high = svt.svt_distinct_fraction_range(svt.svt_round_budget(n, PAPER_SVT))
     assert low - 0.03 < float(np.mean(nonzero)) < high + 0.03  # 20 draws of 370 values: sd of the mean ~ 0.006
 
 
 def test_distinct_fraction_formula_against_sampling():
     rng = np.random.default_rng(0)
-    b = privacy.svt_round_budget(20000, SVTSettings(0.9, 1.0, 1.0, 1e-4))
-    low, high = privacy.svt_distinct_fraction_range(b)
+    b = svt.svt_round_budget(20000, SVTSettings(0.9, 1.0, 1.0, 1e-4))
+    low, high = svt.svt_distinct_fraction_range(b)
     for accepted, expected in ((b.n_upload, low), (b.n_values, high)):
         draws = rng.integers(0, accepted, size=b.n_upload)
         assert len(np.unique(draws)) / b.n_values == pytest.approx(expected, abs=0.005)
-    assert privacy.svt_distinct_fraction_range(b, replace=False) == (0.9, 0.9)
+    assert svt.svt_distinct_fraction_range(b, replace=False) == (0.9, 0.9)
 
 
 def test_job_svt_filter_never_touches_full_weights():
     """data_kinds=[WEIGHT_DIFF]: a full-weights result would pass unperturbed, so the clients must send differences
     (the e2e test checks they do) and the server's report flags any update without SVT metadata."""
-    svt, _ = job_svt_filter()
+    svt_filter, _ = job_svt_filter()
     update = small_update()
-    out = run_filter(svt, "WEIGHTS", update)
+    out = run_filter(svt_filter, "WEIGHTS", update)
     assert out.get_meta_prop(privacy.SVT_BUDGET_META) is None
     assert all(np.array_equal(out.data[k], update[k]) for k in update)
 
 
 def test_default_settings_figures_printed_by_the_cli(capsys):
     """The figures the README quotes for the paper's settings on the 4.7M-value SegResNet."""
-    assert privacy.main(["svt"]) == 0
+    assert privacy_cli.main(["svt"]) == 0
     out = capsys.readouterr().out
-    f = privacy.svt_figures(4_702_227, PAPER_SVT, 600)
+    f = svt.svt_figures(4_702_227, PAPER_SVT, 600)
     assert f["n_upload"] == 4_232_005
     assert f["epsilon_release"] == 4_232_005.0
     assert f["epsilon_per_round"] == pytest.approx(4_232_005.001, abs=1e-6)
@@ -131,8 +141,8 @@ def test_default_settings_figures_printed_by_the_cli(capsys):
 
 
 def test_cli_rejects_bad_values(capsys):
-    assert privacy.main(["svt", "--fraction", "1.5"]) == 2
-    assert privacy.main(["dpsgd", "--target_epsilon", "0"]) == 2
+    assert privacy_cli.main(["svt", "--dp_fraction", "1.5"]) == 2
+    assert privacy_cli.main(["dpsgd", "--dp_target_epsilon", "0"]) == 2
     assert "--dp_target_epsilon" in capsys.readouterr().err
 
 
@@ -159,8 +169,8 @@ def test_accountant_without_subsampling_bounds_the_exact_gaussian_epsilon():
     # 4 full-batch steps at noise multiplier 2 compose to one Gaussian mechanism with mu = sqrt(4) / 2 = 1
     exact = gaussian_epsilon_exact(1.0, 1e-5)
     assert exact == pytest.approx(4.3772, abs=1e-3)
-    rdp = privacy.dpsgd_epsilon(2.0, 1.0, 4, 1e-5, "rdp")
-    prv = privacy.dpsgd_epsilon(2.0, 1.0, 4, 1e-5, "prv")
+    rdp = dpsgd.dpsgd_epsilon(2.0, 1.0, 4, 1e-5, "rdp")
+    prv = dpsgd.dpsgd_epsilon(2.0, 1.0, 4, 1e-5, "prv")
     assert exact <= rdp <= 1.1 * exact  # RDP is an upper bound, here within 8 %
     assert prv == pytest.approx(exact, rel=0.01)  # PRV is numerically near-exact
 
@@ -170,9 +180,10 @@ def test_accountant_without_subsampling_matches_the_rdp_conversion_formula():
     # + ln((a - 1)/a) (Balle et al. 2020) over its default orders.
     sigma, steps, delta = 3.0, 10, 1e-6
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-    by_hand = min(steps * a / (2 * sigma**2) - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
-                  for a in orders)
-    assert privacy.dpsgd_epsilon(sigma, 1.0, steps, delta) == pytest.approx(by_hand, rel=1e-9)
+    by_hand = min(
+        steps * a / (2 * sigma**2) - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in orders
+    )
+    assert dpsgd.dpsgd_epsilon(sigma, 1.0, steps, delta) == pytest.approx(by_hand, rel=1e-9)
 
 
 @pytest.mark.parametrize("q, sigma, steps, delta", [(0.01, 1.1, 6000, 1e-5), (1 / 60, 1.7444, 36000, 1 / 600)])
@@ -182,32 +193,39 @@ def test_subsampled_accountant_agrees_with_googles_dp_accounting(q, sigma, steps
 
     google = rdp_privacy_accountant.RdpAccountant()
     google.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    assert privacy.dpsgd_epsilon(sigma, q, steps, delta) == pytest.approx(google.get_epsilon(delta), rel=1e-3)
+    assert dpsgd.dpsgd_epsilon(sigma, q, steps, delta) == pytest.approx(google.get_epsilon(delta), rel=1e-3)
 
 
 def test_plan_reaches_the_target_after_all_planned_steps():
-    plan = privacy.plan_dpsgd(60, num_rounds=600, epochs_per_round=1, target_epsilon=8.0, delta=None, max_grad_norm=1.0)
+    plan = dpsgd.plan_dpsgd(60, num_rounds=600, epochs_per_round=1, target_epsilon=8.0, delta=None, max_grad_norm=1.0)
     assert plan.sample_rate == pytest.approx(1 / 60)
     assert plan.steps_per_round == 60 and plan.total_steps == 36000
     assert plan.delta == pytest.approx(0.1 / 60)
-    final = privacy.dpsgd_round_record(plan, 599)
+    final = dpsgd.dpsgd_round_record(plan, 599)
     assert 7.95 <= final["epsilon"] <= 8.0
     assert final["steps_so_far"] == plan.total_steps
     # less noise would overspend: the calibration is tight
-    assert privacy.dpsgd_epsilon(0.97 * plan.noise_multiplier, plan.sample_rate, plan.total_steps, plan.delta) > 8.0
+    assert dpsgd.dpsgd_epsilon(0.97 * plan.noise_multiplier, plan.sample_rate, plan.total_steps, plan.delta) > 8.0
 
 
 def test_epsilon_recomputed_from_the_round_equals_a_running_accountant():
     """What a client process that never restarted would have counted step by step, a restarted one recomputes."""
     from opacus.accountants import RDPAccountant
 
-    plan = DPSGDPlan(n_train=5, num_rounds=3, epochs_per_round=2, target_epsilon=8.0, delta=1e-3, max_grad_norm=1.0,
-                     noise_multiplier=1.3)
+    plan = DPSGDPlan(
+        n_train=5,
+        num_rounds=3,
+        epochs_per_round=2,
+        target_epsilon=8.0,
+        delta=1e-3,
+        max_grad_norm=1.0,
+        noise_multiplier=1.3,
+    )
     running = RDPAccountant()
     for round_num in range(plan.num_rounds):
         for _ in range(plan.steps_per_round):
             running.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-        recomputed = privacy.dpsgd_round_record(plan, round_num)
+        recomputed = dpsgd.dpsgd_round_record(plan, round_num)
         assert recomputed["steps_so_far"] == (round_num + 1) * 10
         assert recomputed["epsilon"] == pytest.approx(running.get_epsilon(delta=plan.delta), rel=1e-9)
 
@@ -228,24 +246,40 @@ def test_epsilon_recomputed_from_the_round_equals_a_running_accountant():
     ],
 )
 def test_plans_the_accountant_cannot_cover_are_refused(kwargs, flag):
-    args = {"n_train": 8, "num_rounds": 10, "epochs_per_round": 1, "target_epsilon": 8.0, "delta": None,
-            "max_grad_norm": 1.0, **kwargs}
+    args = {
+        "n_train": 8,
+        "num_rounds": 10,
+        "epochs_per_round": 1,
+        "target_epsilon": 8.0,
+        "delta": None,
+        "max_grad_norm": 1.0,
+        **kwargs,
+    }
     with pytest.raises(PrivacyConfigError, match=flag):
-        privacy.plan_dpsgd(**args)
+        dpsgd.plan_dpsgd(**args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------------------------
 def svt_meta(total: float, passes: int = 3) -> dict:
-    return {privacy.SVT_BUDGET_META: {"epsilon_total": total, "epsilon_threshold": 1e-8, "epsilon_query": 1e-3,
-                                      "epsilon_release": total - 1e-3 - 1e-8, "n_upload": 9,
-                                      "acceptance_passes": passes, "delta": 0.0, "round": 0},
-            privacy.SVT_ACCOUNTANT_META: {"epsilon_total": total}}
+    return {
+        privacy.SVT_BUDGET_META: {
+            "epsilon_total": total,
+            "epsilon_threshold": 1e-8,
+            "epsilon_query": 1e-3,
+            "epsilon_release": total - 1e-3 - 1e-8,
+            "n_upload": 9,
+            "acceptance_passes": passes,
+            "delta": 0.0,
+            "round": 0,
+        },
+        privacy.SVT_ACCOUNTANT_META: {"epsilon_total": total},
+    }
 
 
 def test_svt_report_sums_rounds_and_flags_unprotected_updates(tmp_path):
-    ledger = privacy.PrivacyLedger("svt", {"fraction": 0.9})
+    ledger = privacy_report.PrivacyLedger("svt", {"fraction": 0.9})
     for r, total in ((1, 5.0), (0, 2.0)):
         ledger.add_update("site-1", r, "WEIGHT_DIFF", svt_meta(total), ["SVTPrivacy"])
     ledger.add_update("site-2", 0, "WEIGHT_DIFF", svt_meta(2.0), ["SVTPrivacy"])
@@ -258,23 +292,23 @@ def test_svt_report_sums_rounds_and_flags_unprotected_updates(tmp_path):
     assert report["max_epsilon"] == 7.0
     assert report["updates_without_privacy_metadata"] == [{"site": "site-2", "round": 1, "data_kind": "WEIGHTS"}]
     path = tmp_path / "privacy_report.json"
-    privacy.write_report(path, report)
-    loaded = privacy.load_report(path)
+    privacy_report.write_report(path, report)
+    loaded = privacy_report.load_report(path)
     assert loaded == report
     with pytest.raises(ValueError, match="without privacy metadata"):
-        privacy.check_report(loaded, ["site-1", "site-2"], 2)
-    lines = privacy.summary_lines(loaded, path)
+        privacy_report.check_report(loaded, ["site-1", "site-2"], 2)
+    lines = privacy_report.summary_lines(loaded, path)
     assert "site-1 7" in lines[0] and "site-2 2" in lines[0] and str(path) in lines[1]
 
 
 def test_report_check_names_a_site_with_missing_rounds():
-    ledger = privacy.PrivacyLedger("dpsgd", {"target_epsilon": 8.0})
+    ledger = privacy_report.PrivacyLedger("dpsgd", {"target_epsilon": 8.0})
     plan = DPSGDPlan(8, 3, 1, 8.0, 0.01, 1.0, 1.0)
     for r in (0, 2):
-        ledger.add_update("site-1", r, "WEIGHT_DIFF", {privacy.DPSGD_META: privacy.dpsgd_round_record(plan, r)})
+        ledger.add_update("site-1", r, "WEIGHT_DIFF", {privacy.DPSGD_META: dpsgd.dpsgd_round_record(plan, r)})
     report = ledger.report()
-    assert report["sites"]["site-1"]["epsilon"] == privacy.dpsgd_round_record(plan, 2)["epsilon"]
+    assert report["sites"]["site-1"]["epsilon"] == dpsgd.dpsgd_round_record(plan, 2)["epsilon"]
     with pytest.raises(ValueError, match=r"site-1 covers rounds \[0, 2\]"):
-        privacy.check_report(report, ["site-1"], 3)
+        privacy_report.check_report(report, ["site-1"], 3)
     with pytest.raises(ValueError, match="site-2"):
-        privacy.check_report(report, ["site-2"], 3)
+        privacy_report.check_report(report, ["site-2"], 3)

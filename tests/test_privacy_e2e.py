@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recording_filter import UpdateRecorder
+from test_e2e import load_update, tiny_args
 
 import job
-import privacy
-from recording_filter import UpdateRecorder
-from result_stat.job_results import JobPaths, summarize_job
+from brats_fl.job_results import JobPaths, summarize_job
+from brats_fl.privacy import dpsgd, svt
+from brats_fl.privacy import report as privacy_report
 from result_stat.tb_events import read_site_scalars
-from test_e2e import load_update, tiny_args
 
 pytestmark = pytest.mark.e2e
 SITES = ("site-1", "site-2")
@@ -25,25 +26,25 @@ SITES = ("site-1", "site-2")
 def run_svt_recorded(argv: list[str], record_dir: Path, monkeypatch):
     """The job exactly as job.py builds it, with a recorder before the SVT filter and one at the server's input."""
     inputs = job.prepare(argv)
-    args = inputs.args
     add_privacy = job.add_privacy
-    monkeypatch.setattr(job, "add_privacy", lambda recipe, a: None)  # added below, after the raw recorder
-    recipe = job.build_recipe(args, inputs.dataset_base_dir, inputs.datalist_dir)
+    monkeypatch.setattr(job, "add_privacy", lambda *_: None)  # added below, after the raw recorder
+    recipe = job.build_recipe(inputs)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
-    add_privacy(recipe, args)
+    add_privacy(recipe, inputs.settings, inputs.args.n_clients)
     recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
-    job.run(args, recipe)
-    return args
+    job.run(inputs.args, recipe)
+    return inputs
 
 
 def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federation, tmp_path, monkeypatch):
     data_dir, datalist_dir = tiny_federation
     argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--enable_dp")
-    args = run_svt_recorded(argv, tmp_path / "rec", monkeypatch)
+    inputs = run_svt_recorded(argv, tmp_path / "rec", monkeypatch)
+    args = inputs.args
     summary = summarize_job(Path(args.workspace), args.job_name, 2, 2)
-    report = privacy.load_report(summary.paths.privacy_report)
-    privacy.check_report(report, list(SITES), 2)  # one record per site and round, none unprotected
-    settings = privacy.SVTSettings(args.dp_fraction, args.dp_epsilon, args.dp_noise_var, args.dp_gamma)
+    report = privacy_report.load_report(summary.paths.privacy_report)
+    privacy_report.check_report(report, list(SITES), 2)  # one record per site and round, none unprotected
+    settings = job.svt_settings(inputs.settings)
     assert report["mechanism"] == "svt" and report["settings"]["noise_var"] == settings.noise_var
     tb = read_site_scalars(summary.paths.tb_events)
     for site in SITES:
@@ -56,43 +57,56 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
             assert row["filter_history"] == ["UpdateRecorder", "SVTPrivacy"]  # the client chain, in order
             # the report holds what NVFlare reported, which is the formula for this model size
             nvflare = received_meta["svt_privacy_budget"]
-            expected = privacy.svt_round_budget(sum(v.size for v in raw.values()), settings)
+            expected = svt.svt_round_budget(sum(v.size for v in raw.values()), settings)
             for part in ("epsilon_threshold", "epsilon_query", "epsilon_release"):
                 assert row[part] == nvflare[part] == pytest.approx(getattr(expected, part), rel=1e-12)
             assert row["epsilon"] == nvflare["epsilon_total"] and row["n_upload"] == expected.n_upload
             assert row["acceptance_passes"] >= 1
             # how many values really left the site non-zero
             nonzero = sum(int(np.count_nonzero(v)) for v in received.values()) / expected.n_values
-            low, high = privacy.svt_distinct_fraction_range(expected)
+            low, high = svt.svt_distinct_fraction_range(expected)
             assert low - 0.01 < nonzero < high + 0.01
-        assert [r["cumulative_epsilon"] for r in rows] == pytest.approx([rows[0]["epsilon"],
-                                                                         rows[0]["epsilon"] + rows[1]["epsilon"]])
-        assert [step for step, _ in tb[site][privacy.TB_TAG]] == [0, 1]
-        assert [v for _, v in tb[site][privacy.TB_TAG]] == pytest.approx([r["cumulative_epsilon"] for r in rows],
-                                                                         rel=1e-6)  # float32 in TensorBoard
-    lines = job.privacy_summary(summary.paths.privacy_report, args)
+        assert [r["cumulative_epsilon"] for r in rows] == pytest.approx(
+            [rows[0]["epsilon"], rows[0]["epsilon"] + rows[1]["epsilon"]]
+        )
+        assert [step for step, _ in tb[site][privacy_report.TB_TAG]] == [0, 1]
+        assert [v for _, v in tb[site][privacy_report.TB_TAG]] == pytest.approx(
+            [r["cumulative_epsilon"] for r in rows], rel=1e-6
+        )  # float32 in TensorBoard
+    lines = job.privacy_summary(summary.paths.privacy_report, inputs.settings, args.n_clients)
     assert "privacy (SVT; pure DP, delta 0" in lines[0] and f"{report['max_epsilon']:.4g}" in lines[0]
 
 
 def test_dpsgd_job_from_the_command_line_spends_its_target(tiny_federation, tmp_path):
     data_dir, datalist_dir = tiny_federation
-    argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--enable_dp",
-                     "--dp_mechanism", "dpsgd", "--dp_target_epsilon", "6")
-    done = subprocess.run([sys.executable, str(job.REPO_DIR / "job.py"), *argv], capture_output=True, text=True)
+    argv = tiny_args(
+        data_dir,
+        datalist_dir,
+        tmp_path / "ws",
+        "--n_clients",
+        "2",
+        "--enable_dp",
+        "--dp_mechanism",
+        "dpsgd",
+        "--dp_target_epsilon",
+        "6",
+    )
+    done = subprocess.run([sys.executable, "job.py", *argv], capture_output=True, text=True, cwd=job.REPO_DIR)
     assert done.returncode == 0, done.stderr[-3000:]
     paths = JobPaths(tmp_path / "ws", "brats18_2_dpsgd")
-    report = privacy.load_report(paths.privacy_report)
-    privacy.check_report(report, list(SITES), 2)
-    plan = privacy.plan_dpsgd(4, 2, 1, 6.0, None, 1.0)  # 4 training cases per tiny site
+    report = privacy_report.load_report(paths.privacy_report)
+    privacy_report.check_report(report, list(SITES), 2)
+    plan = dpsgd.plan_dpsgd(4, 2, 1, 6.0, None, 1.0)  # 4 training cases per tiny site
     assert f"noise multiplier {plan.noise_multiplier:.4g} for epsilon 6.0 at delta 0.025" in done.stdout
     tb = read_site_scalars(paths.tb_events)
     for site in SITES:
         rows = report["sites"][site]["rounds"]
         assert [r["noise_multiplier"] for r in rows] == [plan.noise_multiplier] * 2
-        assert [r["epsilon"] for r in rows] == pytest.approx([privacy.dpsgd_round_record(plan, r)["epsilon"]
-                                                              for r in (0, 1)])
+        assert [r["epsilon"] for r in rows] == pytest.approx(
+            [dpsgd.dpsgd_round_record(plan, r)["epsilon"] for r in (0, 1)]
+        )
         assert rows[0]["epsilon"] < rows[1]["epsilon"] <= 6.0 and math.isclose(rows[1]["epsilon"], 6.0, abs_tol=0.02)
-        assert [v for _, v in tb[site][privacy.TB_TAG]] == pytest.approx([r["epsilon"] for r in rows], rel=1e-6)
+        assert [v for _, v in tb[site][privacy_report.TB_TAG]] == pytest.approx([r["epsilon"] for r in rows], rel=1e-6)
     line = next(x for x in done.stdout.splitlines() if "privacy (DP-SGD" in x)
     assert "delta 0.025, target epsilon 6.0" in line
     for site in SITES:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import shlex
-
 import pytest
 
 import job
-import privacy
+from brats_fl.privacy import dpsgd
+from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 
 TINY = ["--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24", "--num_rounds", "2", "--n_clients", "2"]
 
 
 def base_argv(tiny_federation, workspace) -> list[str]:
     data_dir, datalist_dir = tiny_federation
-    return ["--dataset_base_dir", str(data_dir), "--datalist_json_path", str(datalist_dir),
-            "--workspace", str(workspace), *TINY]
+    return [
+        "--dataset_base_dir",
+        str(data_dir),
+        "--datalist_json_path",
+        str(datalist_dir),
+        "--workspace",
+        str(workspace),
+        *TINY,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -50,24 +56,29 @@ def test_svt_flags_are_still_checked_and_dpsgd_flags_ignored_under_svt(capsys, t
 
 
 def test_dpsgd_plans_every_site_before_the_job_and_hands_the_flags_to_the_clients(tiny_federation, tmp_path):
-    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_mechanism", "dpsgd",
-                                                         "--dp_target_epsilon", "4", "--dp_max_grad_norm", "0.5"]
+    argv = base_argv(tiny_federation, tmp_path / "ws") + [
+        "--enable_dp",
+        "--dp_mechanism",
+        "dpsgd",
+        "--dp_target_epsilon",
+        "4",
+        "--dp_max_grad_norm",
+        "0.5",
+    ]
     inputs = job.prepare(argv)
     assert inputs.args.job_name == "brats18_2_dpsgd"
     assert sorted(inputs.dpsgd_plans) == ["site-1", "site-2"]
-    expected = privacy.plan_dpsgd(4, 2, 1, 4.0, None, 0.5)
+    expected = dpsgd.plan_dpsgd(4, 2, 1, 4.0, None, 0.5)
     assert inputs.dpsgd_plans["site-1"] == expected
-    client = shlex.split(job.client_arguments(inputs.args, inputs.dataset_base_dir, inputs.datalist_dir))
-    for flag, value in (("--dp_mechanism", "dpsgd"), ("--dp_target_epsilon", "4.0"), ("--dp_max_grad_norm", "0.5"),
-                        ("--num_rounds", "2")):
-        assert client[client.index(flag) + 1] == value
-    assert "--dp_delta" not in client  # the client derives the same per-site default
+    sent = TrainingSettings.read(job.stage_app_files(inputs.settings) / SETTINGS_FILE)  # what every site reads
+    assert (sent.dp_mechanism, sent.dp_target_epsilon, sent.dp_max_grad_norm, sent.num_rounds) == ("dpsgd", 4.0, 0.5, 2)
+    assert sent.dp_delta is None  # each site derives the same per-site default
 
 
 def test_job_names_per_mechanism():
     def name(*argv):
         args = job.build_parser().parse_args(list(argv))
-        job.apply_defaults(args)
+        job.check_job_flags(args)
         return args.job_name
 
     assert name("--n_clients", "4", "--enable_dp") == "brats18_4_dp"
@@ -76,15 +87,18 @@ def test_job_names_per_mechanism():
     assert name("--n_clients", "4", "--dp_mechanism", "dpsgd") == "brats18_4"  # without --enable_dp: no DP
 
 
-def test_client_understands_every_privacy_flag_the_job_sends(tiny_federation, tmp_path):
-    import client
-
-    argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_mechanism", "dpsgd",
-                                                         "--dp_delta", "0.01"]
+def test_sites_read_back_every_setting_the_job_sends(tiny_federation, tmp_path):
+    argv = base_argv(tiny_federation, tmp_path / "ws") + [
+        "--enable_dp",
+        "--dp_mechanism",
+        "dpsgd",
+        "--dp_delta",
+        "0.01",
+    ]
     inputs = job.prepare(argv)
-    args = client.parse_args(shlex.split(job.client_arguments(inputs.args, inputs.dataset_base_dir,
-                                                              inputs.datalist_dir)))
-    assert (args.dp_mechanism, args.dp_delta, args.num_rounds) == ("dpsgd", 0.01, 2)
+    sent = TrainingSettings.read(job.stage_app_files(inputs.settings) / SETTINGS_FILE)
+    assert sent == inputs.settings
+    assert (sent.dp_mechanism, sent.dp_delta, sent.num_rounds) == ("dpsgd", 0.01, 2)
 
 
 def test_svt_noise_generator_is_reseeded_from_the_os():

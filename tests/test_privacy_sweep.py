@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 import job
-import privacy
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import privacy_sweep as sweep  # noqa: E402
+from benchmarks import privacy_sweep as sweep
+from brats_fl import privacy
+from brats_fl.privacy import report
 
 
 def sweep_args(*argv: str):
@@ -34,7 +32,7 @@ def sweep_args(*argv: str):
     ],
 )
 def test_bad_flags_stop_the_sweep_before_any_job(capsys, tmp_path, argv, pattern):
-    assert sweep.main([*argv, "--out_dir", str(tmp_path / "out"), "--workspace", str(tmp_path / "ws")]) == 2
+    assert sweep.main([*argv, "--output_dir", str(tmp_path / "out"), "--workspace", str(tmp_path / "ws")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and pattern in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "ws").exists()
@@ -44,14 +42,19 @@ def test_default_sweep_runs_job_py_with_flags_it_understands(tmp_path):
     args = sweep_args("--workspace", str(tmp_path))
     configs = sweep.build_configs(args)
     assert [c.name for c in configs] == [
-        "sweep_no_dp", "sweep_svt_noise_var_1", "sweep_svt_noise_var_0.1", "sweep_svt_noise_var_0.01",
-        "sweep_dpsgd_eps_1", "sweep_dpsgd_eps_8", "sweep_dpsgd_eps_64",
+        "sweep_no_dp",
+        "sweep_svt_noise_var_1",
+        "sweep_svt_noise_var_0.1",
+        "sweep_svt_noise_var_0.01",
+        "sweep_dpsgd_eps_1",
+        "sweep_dpsgd_eps_8",
+        "sweep_dpsgd_eps_64",
     ]
     for config in configs:
         command = sweep.job_command(config, args)
         assert command[1] == str(job.REPO_DIR / "job.py")
         parsed = job.build_parser().parse_args(command[2:])
-        job.apply_defaults(parsed)
+        job.check_job_flags(parsed)
         assert parsed.job_name == config.name and parsed.num_rounds == 5 and parsed.n_clients == 2
         assert parsed.enable_dp == (config.mechanism != "none")
         if config.mechanism != "none":
@@ -60,31 +63,38 @@ def test_default_sweep_runs_job_py_with_flags_it_understands(tmp_path):
     assert dpsgd_eps8.dp_target_epsilon == 8.0
 
 
-def fake_job(workspace: Path, name: str, dice_by_round: list[float], ledger: privacy.PrivacyLedger | None) -> None:
+def fake_job(workspace: Path, name: str, dice_by_round: list[float], ledger: report.PrivacyLedger | None) -> None:
     """The files a finished 2-site simulator job leaves, written by hand."""
     paths = job_paths(workspace, name)
     paths.round_metrics.parent.mkdir(parents=True)
     lines = []
     for r, dice in enumerate(dice_by_round):
         metric = [{"name": "val_dice", "value": dice}]
-        lines.append(json.dumps({"round": r, "aggregated_metrics": metric,
-                                 "sites": [{"name": s, "metrics": metric} for s in ("site-1", "site-2")]}))
+        lines.append(
+            json.dumps(
+                {
+                    "round": r,
+                    "aggregated_metrics": metric,
+                    "sites": [{"name": s, "metrics": metric} for s in ("site-1", "site-2")],
+                }
+            )
+        )
     paths.round_metrics.write_text("\n".join(lines) + "\n")
     paths.best_model.parent.mkdir(parents=True)
     paths.best_model.write_bytes(b"model")
     if ledger is not None:
-        privacy.write_report(paths.privacy_report, ledger.report())
+        report.write_report(paths.privacy_report, ledger.report())
 
 
 def job_paths(workspace: Path, name: str):
-    from result_stat.job_results import JobPaths
+    from brats_fl.job_results import JobPaths
 
     return JobPaths(workspace, name)
 
 
 def test_rows_read_back_best_final_and_the_largest_site_epsilon(tmp_path):
     args = sweep_args("--workspace", str(tmp_path), "--num_rounds", "3")
-    ledger = privacy.PrivacyLedger("dpsgd", {})
+    ledger = report.PrivacyLedger("dpsgd", {})
     for site, scale in (("site-1", 1.0), ("site-2", 2.0)):
         for r in range(3):
             ledger.add_update(site, r, "WEIGHT_DIFF", {privacy.DPSGD_META: {"epsilon": scale * (r + 1), "delta": 0.01}})
@@ -100,7 +110,7 @@ def test_rows_read_back_best_final_and_the_largest_site_epsilon(tmp_path):
 
 def test_a_job_whose_privacy_report_lacks_rounds_is_not_a_result(tmp_path):
     args = sweep_args("--workspace", str(tmp_path), "--num_rounds", "3")
-    ledger = privacy.PrivacyLedger("svt", {})
+    ledger = report.PrivacyLedger("svt", {})
     for site in ("site-1", "site-2"):
         for r in range(2):  # round 2 missing
             ledger.add_update(site, r, "WEIGHT_DIFF", {privacy.SVT_BUDGET_META: {"epsilon_total": 1.0, "delta": 0.0}})
@@ -113,14 +123,34 @@ def test_a_job_whose_privacy_report_lacks_rounds_is_not_a_result(tmp_path):
 def test_csv_and_plot_from_hand_made_rows(tmp_path):
     config = sweep.SweepConfig("sweep_dpsgd_eps_1", "dpsgd", "target epsilon 1", ())
     rows = [
-        {"config": "sweep_no_dp", "mechanism": "none", "setting": "no DP", "epsilon": math.inf, "delta": 0.0,
-         "privacy_unit": "none", "best_val_dice": 0.7, "best_round": 4, "final_val_dice": 0.69, "initial_val_dice": 0.1,
-         "runtime_s": 90.0,
-         "status": "ok"},
-        {"config": "sweep_svt_noise_var_1", "mechanism": "svt", "setting": "noise_var 1", "epsilon": 5.3e6,
-         "delta": 0.0, "privacy_unit": "site", "best_val_dice": 0.4, "best_round": 3, "final_val_dice": 0.35,
-         "initial_val_dice": 0.05,
-         "runtime_s": 95.0, "status": "ok"},
+        {
+            "config": "sweep_no_dp",
+            "mechanism": "none",
+            "setting": "no DP",
+            "epsilon": math.inf,
+            "delta": 0.0,
+            "privacy_unit": "none",
+            "best_val_dice": 0.7,
+            "best_round": 4,
+            "final_val_dice": 0.69,
+            "initial_val_dice": 0.1,
+            "runtime_s": 90.0,
+            "status": "ok",
+        },
+        {
+            "config": "sweep_svt_noise_var_1",
+            "mechanism": "svt",
+            "setting": "noise_var 1",
+            "epsilon": 5.3e6,
+            "delta": 0.0,
+            "privacy_unit": "site",
+            "best_val_dice": 0.4,
+            "best_round": 3,
+            "final_val_dice": 0.35,
+            "initial_val_dice": 0.05,
+            "runtime_s": 95.0,
+            "status": "ok",
+        },
         sweep.failed_row(config, 3.0, "job.py exit 1"),
     ]
     sweep.write_csv(rows, tmp_path / "t.csv")
@@ -133,13 +163,36 @@ def test_csv_and_plot_from_hand_made_rows(tmp_path):
 
 
 def test_replot_only_rereads_finished_jobs_and_keeps_recorded_run_times(tmp_path):
-    args = sweep_args("--workspace", str(tmp_path / "ws"), "--num_rounds", "2", "--svt_noise_vars",
-                      "--dpsgd_epsilons", "--out_dir", str(tmp_path / "out"), "--replot_only")
+    args = sweep_args(
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--num_rounds",
+        "2",
+        "--svt_noise_vars",
+        "--dpsgd_epsilons",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--replot_only",
+    )
     fake_job(tmp_path / "ws", "sweep_no_dp", [0.2, 0.5], None)
     (tmp_path / "out").mkdir()
     old = sweep.read_row(sweep.build_configs(args)[0], args, 77.0)
     sweep.write_csv([{**old, "best_val_dice": 0.0}], tmp_path / "out" / "privacy_tradeoff.csv")
-    assert sweep.main(["--workspace", str(tmp_path / "ws"), "--num_rounds", "2", "--svt_noise_vars",
-                       "--dpsgd_epsilons", "--out_dir", str(tmp_path / "out"), "--replot_only"]) == 0
+    assert (
+        sweep.main(
+            [
+                "--workspace",
+                str(tmp_path / "ws"),
+                "--num_rounds",
+                "2",
+                "--svt_noise_vars",
+                "--dpsgd_epsilons",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--replot_only",
+            ]
+        )
+        == 0
+    )
     (row,) = sweep.read_csv(tmp_path / "out" / "privacy_tradeoff.csv")
     assert (row["best_val_dice"], row["initial_val_dice"], row["runtime_s"]) == (0.5, 0.2, 77.0)

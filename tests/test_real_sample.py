@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import brats_pipeline as bp
+import brats_fl.pipeline as bp
 from dataset_brats18.datalist import brats18_case_entry
 
 

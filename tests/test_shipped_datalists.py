@@ -6,16 +6,18 @@ import csv
 import re
 
 import pytest
+from conftest import PAPER_SPLIT_CSV, REPO_DIR
 
 import job
-from conftest import PAPER_SPLIT_CSV, REPO_DIR
 from dataset_brats18 import build_datalist as bd
 from dataset_brats18.datalist import load_datalist
 
 DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"
 SHIPPED_CSV = REPO_DIR / "dataset_brats18" / "brats18_paper_split.csv"
 SITES = ("site-1", "site-2", "site-3", "site-4")
-ENTRY_PATH = re.compile(r"^training/(HGG|LGG)/(Brats18_[A-Za-z0-9]+_[A-Za-z0-9]+_1)/\2_(t1ce|t1|t2|flair|seg)\.nii\.gz$")
+ENTRY_PATH = re.compile(
+    r"^training/(HGG|LGG)/(Brats18_[A-Za-z0-9]+_[A-Za-z0-9]+_1)/\2_(t1ce|t1|t2|flair|seg)\.nii\.gz$"
+)
 
 
 def ids(entries: list[dict]) -> list[str]:
@@ -70,7 +72,7 @@ def test_split_and_grades_agree_with_the_shipped_csv(shipped):
 
 
 def test_shipped_files_are_exactly_what_the_builder_writes(tmp_path, capsys):
-    assert bd.main(["--trust_csv", "--out_dir", str(tmp_path)]) == 0
+    assert bd.main(["--trust_csv", "--output_dir", str(tmp_path)]) == 0
     for name in (*SITES, "site-All"):
         assert (tmp_path / f"{name}.json").read_bytes() == (DATALIST_DIR / f"{name}.json").read_bytes(), name
     assert sorted(p.name for p in DATALIST_DIR.iterdir()) == sorted(f"{n}.json" for n in (*SITES, "site-All"))
@@ -99,7 +101,7 @@ def test_scanning_a_full_release_gives_the_shipped_files(tmp_path, capsys):
         folder.mkdir(parents=True)
         for part in ("t1", "t1ce", "t2", "flair", "seg"):
             (folder / f"{row['case_id']}_{part}.nii.gz").touch()
-    assert bd.main(["--dataset_base_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "dl")]) == 0
+    assert bd.main(["--dataset_base_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "dl")]) == 0
     assert "warning" not in capsys.readouterr().err
     for name in (*SITES, "site-All"):
         assert (tmp_path / "dl" / f"{name}.json").read_bytes() == (DATALIST_DIR / f"{name}.json").read_bytes(), name

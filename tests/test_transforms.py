@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-import brats_pipeline as bp
+import brats_fl.pipeline as bp
 
 SHAPE = (16, 16, 8)
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -66,14 +66,3 @@ def test_training_pads_volumes_smaller_than_roi(hand_made_case):
     out = bp.train_transforms([24, 16, 8])(hand_made_case)
     assert tuple(out["image"].shape) == (4, 24, 16, 8)
     assert int(out["label"][2].sum()) == 1  # the ET voxel survives padding and flips
-
-
-@pytest.mark.parametrize("roi", [[224, 224, 144], [8, 8, 8]])
-def test_valid_roi_sizes_accepted(roi):
-    bp.check_roi_size(roi)
-
-
-@pytest.mark.parametrize("roi", [[224, 224, 150], [0, 8, 8], [8, 8]])
-def test_roi_sizes_segresnet_cannot_take_are_rejected(roi):
-    with pytest.raises(ValueError, match="divisible by 8"):
-        bp.check_roi_size(roi)

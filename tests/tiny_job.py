@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from result_stat.job_results import JobPaths
+from brats_fl.job_results import JobPaths
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 JOB_NAME = "brats18_4"
@@ -21,12 +21,33 @@ def tiny_job_paths(tmp_path_factory, dataset_dir: Path, datalist_dir: Path) -> J
     if key not in _runs:
         workspace = tmp_path_factory.mktemp("tiny_job_ws")
         argv = [
-            sys.executable, str(REPO_DIR / "job.py"),
-            "--dataset_base_dir", str(dataset_dir), "--datalist_json_path", str(datalist_dir),
-            "--workspace", str(workspace), "--job_name", JOB_NAME, "--n_clients", "2",
-            "--num_rounds", str(NUM_ROUNDS), "--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24",
-            "--init_filters", "8", "--learning_rate", "1e-3",
-        ]  # fmt: skip
+            sys.executable,
+            "job.py",
+            "--dataset_base_dir",
+            str(dataset_dir),
+            "--datalist_json_path",
+            str(datalist_dir),
+            "--workspace",
+            str(workspace),
+            "--job_name",
+            JOB_NAME,
+            "--n_clients",
+            "2",
+            "--num_rounds",
+            str(NUM_ROUNDS),
+            "--roi_size",
+            "32",
+            "32",
+            "24",
+            "--infer_roi_size",
+            "32",
+            "32",
+            "24",
+            "--init_filters",
+            "8",
+            "--learning_rate",
+            "1e-3",
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_DIR)
         assert done.returncode == 0, done.stderr[-3000:]
         _runs[key] = JobPaths(workspace, JOB_NAME)

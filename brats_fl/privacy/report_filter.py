@@ -7,7 +7,7 @@ job's experiment tracking (TensorBoard: tag ``privacy_epsilon`` under ``tb_event
 the site had logged it. An update without privacy metadata is logged as an error and listed in the report, which
 makes job.py fail the run.
 
-Travels to the server inside the job (job.py adds this module and privacy.py to the server app).
+Travels to the server inside the job, with the rest of the brats_fl package.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
-import privacy
+from brats_fl.privacy import SVT_BUDGET_META
+from brats_fl.privacy.report import REPORT_FILE, TB_TAG, PrivacyLedger, write_report
 
 
 class PrivacyReportCollector(DXOFilter):
-    def __init__(self, mechanism: str, settings: dict, report_file: str = privacy.REPORT_FILE,
-                 tb_tag: str = privacy.TB_TAG):
+    def __init__(self, mechanism: str, settings: dict, report_file: str = REPORT_FILE, tb_tag: str = TB_TAG):
         """Server input filter for "train" results.
 
         Args:
@@ -45,7 +45,7 @@ class PrivacyReportCollector(DXOFilter):
         self.report_file = report_file
         self.tb_tag = tb_tag
         self._lock = Lock()
-        self._ledger = privacy.PrivacyLedger(mechanism, settings)
+        self._ledger = PrivacyLedger(mechanism, settings)
         self._report_path: Path | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -53,9 +53,9 @@ class PrivacyReportCollector(DXOFilter):
         if event_type == EventType.START_RUN:
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             with self._lock:
-                self._ledger = privacy.PrivacyLedger(self.mechanism, self.settings)
+                self._ledger = PrivacyLedger(self.mechanism, self.settings)
                 self._report_path = Path(run_dir) / self.report_file
-                privacy.write_report(self._report_path, self._ledger.report())
+                write_report(self._report_path, self._ledger.report())
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         peer = fl_ctx.get_peer_context()
@@ -65,34 +65,42 @@ class PrivacyReportCollector(DXOFilter):
             record = self._ledger.add_update(site, round_num, dxo.data_kind, dict(dxo.meta), dxo.get_filter_history())
             cumulative = self._ledger.site_rounds(site)[-1]["cumulative_epsilon"] if record else None
             if self._report_path is not None:
-                privacy.write_report(self._report_path, self._ledger.report())
+                write_report(self._report_path, self._ledger.report())
         if record is None:
-            self.log_error(fl_ctx, f"update of {site} for round {round_num} ({dxo.data_kind}) carries no "
-                                   f"{self.mechanism} privacy metadata: it left the site without the expected "
-                                   "protection")
+            self.log_error(
+                fl_ctx,
+                f"update of {site} for round {round_num} ({dxo.data_kind}) carries no "
+                f"{self.mechanism} privacy metadata: it left the site without the expected "
+                "protection",
+            )
             return None
-        self.log_info(fl_ctx, f"{site} round {round_num}: epsilon {record['epsilon']:.6g}, cumulative "
-                              f"{cumulative:.6g} ({self.mechanism})")
+        self.log_info(
+            fl_ctx,
+            f"{site} round {round_num}: epsilon {record['epsilon']:.6g}, cumulative "
+            f"{cumulative:.6g} ({self.mechanism})",
+        )
         self._log_site_scalar(fl_ctx, site, cumulative, round_num)
         return None  # the update passes unchanged
 
     @staticmethod
     def _round_of(dxo: DXO, shareable: Shareable) -> int:
         """The FL round the update answers (the round NVFlare's SVT filter saw, else the task's round)."""
-        budget = dxo.get_meta_prop(privacy.SVT_BUDGET_META) or {}
+        budget = dxo.get_meta_prop(SVT_BUDGET_META) or {}
         round_num = budget.get("round")
         if round_num is None:
-            round_num = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND,
-                                             shareable.get_header(AppConstants.CURRENT_ROUND,
-                                                                  dxo.get_meta_prop(MetaKey.CURRENT_ROUND, -1)))
+            round_num = shareable.get_cookie(
+                AppConstants.CONTRIBUTION_ROUND,
+                shareable.get_header(AppConstants.CURRENT_ROUND, dxo.get_meta_prop(MetaKey.CURRENT_ROUND, -1)),
+            )
         return int(round_num)
 
     def _log_site_scalar(self, fl_ctx: FLContext, site: str, value: float, round_num: int) -> None:
         """Hand the figure to the job's analytics receiver exactly as a site's own logged scalar arrives: the engine
         fires a federation-scope analytics event whose data names the site as its origin, as NVFlare's fed-event
         runner does for events received from a site (FLComponent.fire_event would force local scope, origin server)."""
-        data = create_analytic_dxo(tag=self.tb_tag, value=float(value), data_type=AnalyticsDataType.SCALAR,
-                                   global_step=int(round_num)).to_shareable()
+        data = create_analytic_dxo(
+            tag=self.tb_tag, value=float(value), data_type=AnalyticsDataType.SCALAR, global_step=int(round_num)
+        ).to_shareable()
         data.set_peer_props({ReservedKey.IDENTITY_NAME: site})
         with fl_ctx.get_engine().new_context() as event_ctx:
             event_ctx.set_prop(FLContextKey.EVENT_DATA, data, private=True, sticky=False)

@@ -1,4 +1,4 @@
-"""The imaging pipeline, written once: used by client.py, result_stat/ and the tests alike.
+"""The imaging pipeline, written once: used by client.py, the evaluation and the tests alike.
 
 Data flow for one case: 4 NIfTI modalities stacked as channels in the order t1ce, t1, t2, flair; the label map
 converted to 3 overlapping binary channels TC, WT, ET (tumour core, whole tumour, enhancing tumour); RAS orientation
@@ -39,7 +39,6 @@ ET_LABEL_BRATS2017 = 4  # BraTS 2017-2021: enhancing tumour is label 4
 ET_LABEL_BRATS2023 = 3  # BraTS 2023+: enhancing tumour is label 3
 NECROSIS_LABEL = 1
 EDEMA_LABEL = 2
-SPATIAL_MULTIPLE = 8  # SegResNet downsamples 3 times: every spatial size must be divisible by 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,7 +55,9 @@ def region_label_sets(et_label: int = ET_LABEL_BRATS2017) -> dict[str, tuple[int
     }
 
 
-def labels_to_regions(label: np.ndarray | torch.Tensor, et_label: int = ET_LABEL_BRATS2017) -> np.ndarray | torch.Tensor:
+def labels_to_regions(
+    label: np.ndarray | torch.Tensor, et_label: int = ET_LABEL_BRATS2017
+) -> np.ndarray | torch.Tensor:
     """Convert a label map (optionally with a leading channel of size 1) to 3 channels TC, WT, ET.
 
     Raises ValueError on label values outside {0, 1, 2, et_label}: a 3 in a 2018-style case (or a 4 in a 2023-style
@@ -69,7 +70,7 @@ def labels_to_regions(label: np.ndarray | torch.Tensor, et_label: int = ET_LABEL
     if unexpected:
         raise ValueError(
             f"label values {unexpected} are not in the expected set {sorted(allowed)} (et_label={et_label}); "
-            "check the dataset's label convention (BraTS 2023+ uses 3 for enhancing tumour: set \"et_label\": 3 "
+            'check the dataset\'s label convention (BraTS 2023+ uses 3 for enhancing tumour: set "et_label": 3 '
             "in the datalist)"
         )
     if label.ndim == 4:
@@ -167,15 +168,6 @@ def val_transforms(et_label: int = ET_LABEL_BRATS2017) -> Compose:
     return Compose(load_transforms(et_label) + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
 
 
-def check_roi_size(roi_size: Sequence[int], flag: str = "--roi_size") -> None:
-    """Raise ValueError unless roi_size is 3 positive multiples of 8 (what SegResNet accepts)."""
-    if len(roi_size) != 3 or any(int(s) <= 0 or int(s) % SPATIAL_MULTIPLE for s in roi_size):
-        raise ValueError(
-            f"{flag} {' '.join(str(s) for s in roi_size)}: need 3 positive sizes, each divisible by "
-            f"{SPATIAL_MULTIPLE} (SegResNet downsamples 3 times), e.g. 224 224 144"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Datalists and datasets
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,15 +185,15 @@ def datalist_et_label(datalist: dict) -> int:
 def resolve_entries(entries: list[dict], base_dir: str | Path) -> list[dict]:
     """Make the relative image/label paths of datalist entries absolute under base_dir."""
     base = Path(base_dir)
-    return [
-        {**e, "image": [str(base / p) for p in e["image"]], "label": str(base / e["label"])} for e in entries
-    ]
+    return [{**e, "image": [str(base / p) for p in e["image"]], "label": str(base / e["label"])} for e in entries]
 
 
 def make_dataset(entries: list[dict], transform: Compose, cache_rate: float = 0.0, num_workers: int = 0) -> Dataset:
     """CacheDataset keeps ``cache_rate`` of the cases' deterministic part in memory; plain Dataset when 0."""
     if cache_rate > 0:
-        return CacheDataset(entries, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=False)
+        return CacheDataset(
+            entries, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
+        )
     return Dataset(entries, transform=transform)
 
 

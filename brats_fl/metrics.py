@@ -22,8 +22,8 @@ volumes. The BraTS 2023 evaluation code caps infinite HD95 values at 374, just a
 (rachitsaluja/BraTS-2023-Metrics, eval.py, ``replace(np.inf, 374)``); the same code scores two empty masks as
 Dice 1 and HD95 0.
 
-These differ on purpose from the training-time rule in brats_pipeline.dice_per_region, where a region absent from
-the truth gives nan and is left out of the mean (see evaluate.py, which reports both).
+These differ on purpose from the training-time rule in brats_fl.pipeline.dice_per_region, where a region absent from
+the truth gives nan and is left out of the mean (see result_stat/evaluate.py, which reports both).
 """
 
 from __future__ import annotations

@@ -100,7 +100,10 @@ def read_round_metrics(path: Path) -> list[RoundMetrics]:
             RoundMetrics(
                 round=int(record["round"]),
                 metrics={m["name"]: float(m["value"]) for m in record.get("aggregated_metrics", [])},
-                sites={s["name"]: {m["name"]: float(m["value"]) for m in s.get("metrics", [])} for s in record.get("sites", [])},
+                sites={
+                    s["name"]: {m["name"]: float(m["value"]) for m in s.get("metrics", [])}
+                    for s in record.get("sites", [])
+                },
             )
         )
     return sorted(rounds, key=lambda r: r.round)
@@ -133,18 +136,14 @@ def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, n_c
                 f"round {r.round} lacks results from {', '.join(lacking)}; see {paths.job_dir}/<site>/log.txt"
             )
     if len(rounds) != expected_rounds:
-        raise JobResultError(
-            f"{len(rounds)} of {expected_rounds} rounds reported metrics; see {paths.server_log}"
-        )
+        raise JobResultError(f"{len(rounds)} of {expected_rounds} rounds reported metrics; see {paths.server_log}")
     if not paths.best_model.is_file():
         raise JobResultError(f"no best model at {paths.best_model}: no round after round 0 reported a finite val_dice")
     best = best_round_of(rounds)
     if paths.metrics_summary.is_file():
         reported = json.loads(paths.metrics_summary.read_text()).get("best_round")
         if reported is not None and int(reported) != best:
-            raise JobResultError(
-                f"NVFlare reports best round {reported} but the round metrics peak at round {best}"
-            )
+            raise JobResultError(f"NVFlare reports best round {reported} but the round metrics peak at round {best}")
     best_metrics = next(r.metrics for r in rounds if r.round == best)
     return JobSummary(paths=paths, rounds=rounds, best_round=best, best_metrics=best_metrics)
 

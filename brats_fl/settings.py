@@ -1,0 +1,194 @@
+"""Every setting of a run, defined once: the paper's defaults, the demo's overrides, and where things go.
+
+job.py turns its flags into a :class:`TrainingSettings`, writes it into the job as one JSON document
+(``brats_settings.json``, shipped to every site beside client.py), and client.py and the evaluation read that
+document back. The flags' ``--help`` texts take their defaults from here too, so a default exists in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from brats_fl.privacy import MECHANISMS
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where things are, and how tools exit
+# ---------------------------------------------------------------------------------------------------------------
+REPO_DIR = Path(__file__).resolve().parents[1]  # meaningful on the submitter's machine, not inside a site's app
+SHIPPED_DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"  # the paper's split of BraTS 2018
+DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
+SETTINGS_FILE = "brats_settings.json"  # travels in the job's custom/ folder, next to client.py
+KEY_METRIC = "val_dice"  # what the clients report and the server selects the best model by
+
+
+def default_job_name(n_clients: int, dp_mechanism: str | None) -> str:
+    """job.py's job folder name: brats18_<n_clients>, with _dp for SVT and _dpsgd for DP-SGD."""
+    return f"brats18_{n_clients}" + {None: "", "svt": "_dp", "dpsgd": "_dpsgd"}[dp_mechanism]
+
+
+# The paper's runs (centralised, federated, federated + SVT) and this project's DP-SGD run, as job.py names them.
+PAPER_JOB_NAMES = tuple(default_job_name(n, dp) for n, dp in ((1, None), (4, None), (4, "svt"), (4, "dpsgd")))
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job, or the check, ran and failed
+EXIT_BAD_INPUT = 2
+
+SPATIAL_MULTIPLE = 8  # SegResNet downsamples 3 times: every spatial size must be divisible by 8
+
+
+class SettingsError(ValueError):
+    """A setting no run can use; the message names the flag and what it needs."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The settings every site trains and validates with
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingSettings:
+    """The paper's configuration (Li et al. 2019: SegResNet-16, Adam 1e-4, 224x224x144 crops, 600 rounds of one
+    local epoch). Field names are the flag names of job.py."""
+
+    # federation
+    num_rounds: int = 600
+    aggregation_epochs: int = 1
+    centralised: bool = False  # one site training on site-All.json (job.py: --n_clients 1)
+    # training
+    learning_rate: float = 1e-4
+    fedproxloss_mu: float = 0.0
+    roi_size: tuple[int, int, int] = (224, 224, 144)
+    infer_roi_size: tuple[int, int, int] = (240, 240, 160)
+    init_filters: int = 16
+    amp: bool = True  # mixed precision on CUDA (job.py: --no_amp turns it off)
+    seed: int = 0
+    cache_dataset: float = 0.0
+    # data: paths on the machine that runs the sites
+    dataset_base_dir: str | None = None
+    datalist_json_path: str | None = None
+    # hardware
+    num_workers: int = 0
+    torch_threads: int = 0  # 0: torch's default
+    # differential privacy (dp_mechanism None: off)
+    dp_mechanism: str | None = None
+    dp_fraction: float = 0.9
+    dp_epsilon: float = 0.001
+    dp_noise_var: float = 1.0
+    dp_gamma: float = 1e-4
+    dp_target_epsilon: float = 8.0
+    dp_delta: float | None = None
+    dp_max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.roi_size = tuple(int(s) for s in self.roi_size)
+        self.infer_roi_size = tuple(int(s) for s in self.infer_roi_size)
+
+    def check(self) -> None:
+        """SettingsError naming the first flag whose value no run can use."""
+        for problem in self._problems():
+            raise SettingsError(problem)
+
+    def _problems(self):
+        if self.num_rounds < 2:
+            yield (
+                f"--num_rounds {self.num_rounds}: need >= 2 (round 0 validates the initial model, so a 1-round "
+                "job never writes a best model)"
+            )
+        if self.aggregation_epochs < 1:
+            yield f"--aggregation_epochs {self.aggregation_epochs}: need >= 1"
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            yield f"--learning_rate {self.learning_rate}: need a finite value > 0"
+        if not self.fedproxloss_mu >= 0:
+            yield f"--fedproxloss_mu {self.fedproxloss_mu}: need >= 0 (0 turns FedProx off)"
+        if not 0.0 <= self.cache_dataset <= 1.0:
+            yield f"--cache_dataset {self.cache_dataset}: need a fraction in [0, 1]"
+        if self.init_filters < 8 or self.init_filters % 8:
+            yield f"--init_filters {self.init_filters}: need a positive multiple of 8 (GroupNorm uses 8 groups)"
+        for flag in ("roi_size", "infer_roi_size"):
+            problem = roi_size_problem(getattr(self, flag), f"--{flag}")
+            if problem:
+                yield problem
+        if self.num_workers < 0:
+            yield f"--num_workers {self.num_workers}: need >= 0"
+        if self.dp_mechanism not in (None, *MECHANISMS):
+            yield f"--dp_mechanism {self.dp_mechanism}: need one of {', '.join(MECHANISMS)}"
+        if self.dp_mechanism == "svt":
+            if not 0.0 < self.dp_fraction <= 1.0:
+                yield f"--dp_fraction {self.dp_fraction}: need a fraction in (0, 1]"
+            for flag in ("dp_epsilon", "dp_noise_var", "dp_gamma"):
+                if not (getattr(self, flag) > 0 and math.isfinite(getattr(self, flag))):
+                    yield f"--{flag} {getattr(self, flag)}: need a finite value > 0"
+
+    # JSON: the document the sites read
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(f"unknown settings {unknown}: written by a newer version of this project?")
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainingSettings:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, SettingsError) as e:
+            raise SettingsError(f"settings file {path}: {e}") from None
+
+
+# The built-in demo (synthetic data, no --dataset_base_dir): small volumes, few rounds, a faster learning rate.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "num_rounds": 10,
+    "learning_rate": 2e-3,
+    "roi_size": (48, 48, 32),
+    "infer_roi_size": (64, 64, 48),
+}
+DEMO_SHAPE = (64, 64, 48)  # voxels of each synthetic case
+DEMO_TRAIN_CASES = 32  # dealt round-robin to the sites
+DEMO_VALIDATION_CASES = 4
+
+
+def default(name: str, demo: bool = False) -> Any:
+    """The default of one setting (the demo's when demo is set and it has one)."""
+    if demo and name in DEMO_OVERRIDES:
+        return DEMO_OVERRIDES[name]
+    return next(f.default for f in fields(TrainingSettings) if f.name == name)
+
+
+def describe_default(name: str) -> str:
+    """'(default: X)' or '(default: X; demo: Y)' for a flag's --help."""
+
+    def shown(value: Any) -> str:
+        return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    text = f"default: {shown(default(name))}"
+    if name in DEMO_OVERRIDES:
+        text += f"; demo: {shown(DEMO_OVERRIDES[name])}"
+    return f"({text})"
+
+
+def demo_settings(**overrides: Any) -> TrainingSettings:
+    """The demo's settings, with any further overrides."""
+    return replace(TrainingSettings(**DEMO_OVERRIDES), **overrides)
+
+
+def roi_size_problem(roi_size, flag: str = "--roi_size") -> str | None:
+    """Why roi_size is unusable (not 3 positive multiples of 8, what SegResNet accepts), or None."""
+    sizes = list(roi_size)
+    if len(sizes) != 3 or any(int(s) <= 0 or int(s) % SPATIAL_MULTIPLE for s in sizes):
+        return (
+            f"{flag} {' '.join(str(s) for s in sizes)}: need 3 positive sizes, each divisible by "
+            f"{SPATIAL_MULTIPLE} (SegResNet downsamples 3 times), e.g. 224 224 144"
+        )
+    return None
