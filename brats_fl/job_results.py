@@ -53,7 +53,7 @@ class JobPaths:
 
     @property
     def privacy_report(self) -> Path:
-        """Written with --enable_dp: every site's spent epsilon per round (see privacy.py)."""
+        """Written with --enable_dp: every site's spent epsilon per round (see brats_fl/privacy/report.py)."""
         return self.server_job_dir / "privacy_report.json"
 
     @property

@@ -10,7 +10,7 @@ Per case (each listed case once, however many datalists list it):
 Per datalist: training and validation cases and the median [min-max] tumour volume of TC, WT and ET in ml.
 
 Cost: headers are read for every file, label voxels for every case; image voxels are read too (the all-zero and
-NaN/Inf checks need them) unless --headers_only, which takes about a fifth of the time (the README gives the
+NaN/Inf checks need them) unless --headers_only, which takes about a fifth of the time (docs/data.md gives the
 time per case measured on real BraTS 2018 cases). Exit codes: 0 every case usable; 1 some case unusable; 2 bad flag
 or datalist.
 """

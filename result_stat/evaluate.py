@@ -105,7 +105,7 @@ class ModelSpec:
 class CaseResult:
     case_id: str
     scores: dict[str, float]  # BraTS convention (brats_metrics.region_scores)
-    training_rule_dice: np.ndarray  # brats_pipeline.dice_per_region: nan where the truth of a region is empty
+    training_rule_dice: np.ndarray  # brats_fl.pipeline.dice_per_region: nan where the truth of a region is empty
     voxels_truth: tuple[int, int, int]
     voxels_pred: tuple[int, int, int]
     prediction_file: Path | None = None
@@ -120,7 +120,7 @@ class ModelResult:
         return float(np.mean([c.scores[key] for c in self.cases]))
 
     def training_rule_metrics(self) -> dict[str, float]:
-        """val_dice, val_dice_tc/wt/et exactly as brats_pipeline.evaluate_dice computes them during training."""
+        """val_dice, val_dice_tc/wt/et exactly as brats_fl.pipeline.evaluate_dice computes them during training."""
         return bp.aggregate_dice([c.training_rule_dice for c in self.cases])
 
 

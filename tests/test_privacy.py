@@ -124,7 +124,7 @@ def test_job_svt_filter_never_touches_full_weights():
 
 
 def test_default_settings_figures_printed_by_the_cli(capsys):
-    """The figures the README quotes for the paper's settings on the 4.7M-value SegResNet."""
+    """The figures docs/privacy.md quotes for the paper's settings on the 4.7M-value SegResNet."""
     assert privacy_cli.main(["svt"]) == 0
     out = capsys.readouterr().out
     f = svt.svt_figures(4_702_227, PAPER_SVT, 600)
