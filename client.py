@@ -29,6 +29,8 @@ from brats_fl.privacy import DPSGD_META, dpsgd
 from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 from model import BratsSegResNet
 
+LOCAL_EVENTS_DIR = "local_tb_events"  # with DP: the site's training statistics, kept in the site's job folder
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -58,7 +60,7 @@ def keep_dp_noise_secret() -> None:
     np.random.seed(None)
 
 
-def setup_dpsgd(settings: TrainingSettings, site_name: str, train_ds, optimizer):
+def setup_dpsgd(settings: TrainingSettings, site_name: str, train_ds, optimizer, device):
     """The same calibration job.py made before the run, a Poisson-sampling loader and the clipping/noising optimizer
     (sampling and noise from secret generators)."""
     plan = dpsgd.plan_dpsgd(
@@ -70,14 +72,15 @@ def setup_dpsgd(settings: TrainingSettings, site_name: str, train_ds, optimizer)
         settings.dp_max_grad_norm,
         site=site_name,
     )
-    secret = dpsgd.secret_generator()
-    loader = dpsgd.poisson_loader(train_ds, plan, secret, num_workers=settings.num_workers)
+    loader, dp_optimizer = dpsgd.private_training(
+        train_ds, optimizer, plan, device, settings.num_workers, settings.dp_secure_mode
+    )
     print(
         f"[{site_name}] DP-SGD: noise multiplier {plan.noise_multiplier:.4g}, sampling rate {plan.sample_rate:.3g}, "
-        f"{plan.steps_per_round} steps per round, delta {plan.delta:.3g}",
+        f"{plan.steps_per_round} steps per round, delta {plan.delta:.3g}, secure mode {settings.dp_secure_mode}",
         flush=True,
     )
-    return plan, loader, dpsgd.make_dp_optimizer(optimizer, plan, secret)
+    return plan, loader, dp_optimizer
 
 
 def train_one_round(
@@ -110,13 +113,25 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return snapshot
 
 
-def log_round(writer: SummaryWriter, round_num: int, metrics: dict[str, float], train_loss: float, steps: int) -> None:
-    """TensorBoard scalars, one point per round (global step = FL round)."""
+def training_statistics_writer(settings: TrainingSettings, to_server: SummaryWriter):
+    """Where train_loss and train_steps go. They are computed from the site's training cases and no privacy mechanism
+    protects them, so with DP they stay in the site's own job folder (local_tb_events/, next to the app); without
+    DP they go to the server's TensorBoard like the validation Dice."""
+    if not settings.dp_mechanism:
+        return to_server
+    from torch.utils.tensorboard import SummaryWriter as LocalSummaryWriter
+
+    return LocalSummaryWriter(log_dir=str(Path(__file__).resolve().parents[2] / LOCAL_EVENTS_DIR))
+
+
+def log_round(to_server, training_writer, round_num: int, metrics: dict[str, float], train_loss: float, steps: int):
+    """TensorBoard scalars, one point per round (global step = FL round): the validation Dice of the received global
+    model to the server, the training statistics to training_writer."""
     for key, value in metrics.items():
         if not math.isnan(value):
-            writer.add_scalar(key, value, global_step=round_num)
-    writer.add_scalar("train_loss", train_loss, global_step=round_num)
-    writer.add_scalar("train_steps", steps, global_step=round_num)
+            to_server.add_scalar(key, value, global_step=round_num)
+    training_writer.add_scalar("train_loss", train_loss, global_step=round_num)
+    training_writer.add_scalar("train_steps", steps, global_step=round_num)
 
 
 def main() -> None:
@@ -140,7 +155,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
     plan = None
     if settings.dp_mechanism == "dpsgd":
-        plan, train_loader, optimizer = setup_dpsgd(settings, site_name, train_ds, optimizer)
+        plan, train_loader, optimizer = setup_dpsgd(settings, site_name, train_ds, optimizer, device)
         use_amp = False  # per-case gradients are taken in full precision
     loss_fn = bp.make_loss()
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -149,7 +164,8 @@ def main() -> None:
         from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
         fedprox = PTFedProxLoss(mu=settings.fedproxloss_mu)
-    writer = SummaryWriter()
+    to_server = SummaryWriter()  # NVFlare's tracking writer: events stream to the server's tb_events/<site>
+    training_writer = training_statistics_writer(settings, to_server)
 
     while flare.is_running():
         input_model = flare.receive()
@@ -179,7 +195,7 @@ def main() -> None:
                 model, global_model, train_loader, optimizer, loss_fn, fedprox, settings.aggregation_epochs, device
             )
             meta[DPSGD_META] = dpsgd.dpsgd_round_record(plan, round_num)
-        log_round(writer, round_num, metrics, train_loss, steps)
+        log_round(to_server, training_writer, round_num, metrics, train_loss, steps)
         privacy_note = f", epsilon {meta[DPSGD_META]['epsilon']:.4g} spent" if plan else ""
         print(
             f"[{site_name}] round {round_num}: global model val_dice {metrics['val_dice']:.4f}, "

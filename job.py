@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 0.1 / training cases, per site)",
     )
     setting(dp, "dp_max_grad_norm", "DP-SGD: L2 bound each case's gradient is clipped to, > 0", type=float)
+    dp.add_argument(
+        "--dp_secure_mode",
+        action="store_true",
+        help="DP-SGD: Opacus's secure mode, noise robust to floating-point attacks (each noise value is "
+        "the scaled sum of 4 Gaussian draws; see docs/privacy.md) (default: off)",
+    )
     return p
 
 

@@ -80,6 +80,7 @@ class TrainingSettings:
     dp_target_epsilon: float = 8.0
     dp_delta: float | None = None
     dp_max_grad_norm: float = 1.0
+    dp_secure_mode: bool = False
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(s) for s in self.roi_size)

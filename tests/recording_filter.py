@@ -1,5 +1,6 @@
-"""Test-only NVFlare filter that saves what passes through it, to compare what clients computed and what the
-server received. Travels to the simulated sites inside the job's custom folder."""
+"""Test-only NVFlare components that save what passes through them: a filter on task results (what the sites
+computed, what the server received) and a receiver of the analytics events the sites stream to the server. Together
+they record everything that arrives at the server from the sites. They travel inside the job's custom folder."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsData
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 
 
 class UpdateRecorder(DXOFilter):
@@ -35,7 +38,28 @@ class UpdateRecorder(DXOFilter):
             "data_kind": dxo.data_kind,
             "task": shareable.get_header(ReservedKey.TASK_NAME),
             "meta_keys": sorted(dxo.meta.keys()),
+            "meta": dxo.meta,
             "svt_privacy_budget": dxo.get_meta_prop("svt_privacy_budget"),
         }
         Path(str(stem) + ".json").write_text(json.dumps(meta, default=str))
         return dxo
+
+
+class AnalyticsRecorder(AnalyticsReceiver):
+    """Appends (origin site, tag, step) of every analytics event that reaches the server to events.jsonl."""
+
+    def __init__(self, out_dir: str):
+        super().__init__(events=[f"fed.{ANALYTIC_EVENT_TYPE}"])
+        self.out_dir = out_dir
+
+    def initialize(self, fl_ctx: FLContext):
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+
+    def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
+        data = AnalyticsData.from_dxo(from_shareable(shareable))
+        row = {"site": record_origin, "tag": data.tag, "step": data.step}
+        with open(Path(self.out_dir) / "events.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def finalize(self, fl_ctx: FLContext):
+        pass

@@ -84,6 +84,67 @@ def test_noise_has_the_calibrated_standard_deviation():
     assert float(model.weight.detach().std()) == pytest.approx(1.5 * 0.2, rel=0.1)  # sd = noise multiplier x clip bound
 
 
+def test_secure_mode_noise_has_the_calibrated_standard_deviation_too():
+    model = torch.nn.Linear(1000, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = dpsgd.make_dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        plan(noise_multiplier=1.5, max_grad_norm=0.2),
+        dpsgd.secret_generator(),
+        secure_mode=True,
+    )
+    assert opt.secure_mode  # Opacus's floating-point-attack defence: each value is the scaled sum of 4 draws
+    dpsgd.set_per_case_gradients(model, sum_loss, None, None)
+    opt.step()
+    assert float(model.weight.detach().std()) == pytest.approx(1.5 * 0.2, rel=0.1)
+
+
+def test_sampler_and_noise_get_their_own_generators_and_noise_lives_on_the_model_device(monkeypatch):
+    """Opacus draws the noise with torch.normal(device=<the gradient's device>, generator=g): a CPU generator fails
+    on CUDA. The sampler's generator stays on the CPU, the noise generator follows the model."""
+    created = []
+
+    class RecordingGenerator:
+        def __init__(self, device="cpu"):
+            self.device = torch.device(device)
+            created.append(self)
+
+        def manual_seed(self, seed):
+            return self
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    cases = [{"image": torch.zeros(1, 2), "label": torch.zeros(1, 2)} for _ in range(4)]
+    loader, optimizer = dpsgd.private_training(
+        cases, torch.optim.SGD(linear_model().parameters(), lr=1.0), plan(), torch.device("cuda", 0)
+    )
+    assert [g.device for g in created] == [torch.device("cpu"), torch.device("cuda", 0)]
+    assert loader.batch_sampler.generator is created[0] and optimizer.generator is created[1]
+
+
+def test_fedprox_pulls_once_per_step_outside_the_clipping():
+    """The proximal term depends on no patient: it is added after clipping and noise, once per step, also on an
+    empty Poisson step, and uses none of the clipping budget."""
+    global_model = linear_model((0.0, 0.0))
+    mu = 0.5
+
+    def prox(m):
+        return 0.5 * mu * ((m.weight - global_model.weight) ** 2).sum()  # gradient mu (w - w_global)
+
+    model = linear_model((1.0, 2.0))
+    opt = dpsgd.make_dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), plan(max_grad_norm=1.0), dpsgd.secret_generator()
+    )
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # clipped to (0.6, 0.8) and kept as (0.3, 0.4)
+    dpsgd.private_step(model, opt, sum_loss, x, torch.zeros(2, 1), prox)
+    # w - [(0.6, 0.8) + (0.3, 0.4)] - mu w: the pull is applied once, not once per case, and is not clipped
+    assert torch.allclose(model.weight, torch.tensor([[1.0 - 0.9 - 0.5, 2.0 - 1.2 - 1.0]]), atol=1e-5)
+
+    empty = linear_model((1.0, 2.0))
+    opt = dpsgd.make_dp_optimizer(torch.optim.SGD(empty.parameters(), lr=1.0), plan(), dpsgd.secret_generator())
+    dpsgd.private_step(empty, opt, sum_loss, None, None, prox)
+    assert torch.allclose(empty.weight, torch.tensor([[0.5, 1.0]]))  # an empty step still pulls towards the global
+
+
 def test_secret_generators_do_not_repeat():
     a, b = dpsgd.secret_generator(), dpsgd.secret_generator()
     assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
@@ -112,11 +173,8 @@ def test_one_dp_round_trains_segresnet_on_synthetic_cases(tiny_federation):
     model = BratsSegResNet(init_filters=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p = plan(n_train=len(train), noise_multiplier=1.0)
-    secret = dpsgd.secret_generator()
-    opt = dpsgd.make_dp_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), p, secret)
-    steps, loss = dpsgd.train_one_round(
-        model, None, dpsgd.poisson_loader(train, p, secret), opt, bp.make_loss(), None, 1, torch.device("cpu")
-    )
+    loader, opt = dpsgd.private_training(train, torch.optim.Adam(model.parameters(), lr=1e-3), p, torch.device("cpu"))
+    steps, loss = dpsgd.train_one_round(model, None, loader, opt, bp.make_loss(), None, 1, torch.device("cpu"))
     assert steps == len(train)
     assert 0.0 <= loss <= 1.0  # mean Dice loss of the cases drawn (0 if none was drawn)
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # noise reaches every tensor

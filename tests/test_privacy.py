@@ -130,7 +130,9 @@ def test_default_settings_figures_printed_by_the_cli(capsys):
     f = svt.svt_figures(4_702_227, PAPER_SVT, 600)
     assert f["n_upload"] == 4_232_005
     assert f["epsilon_release"] == 4_232_005.0
-    assert f["epsilon_per_round"] == pytest.approx(4_232_005.001, abs=1e-6)
+    assert f["epsilon_per_round_nvflare"] == pytest.approx(4_232_005.001, abs=1e-6)
+    # the bound that holds: every one of the 4,702,227 values accepted, each costing epsilon_query / 4,232,005
+    assert f["epsilon_per_round"] == pytest.approx(4_232_005.001 + 0.000999976 * (4_702_227 / 4_232_005 - 1), abs=1e-8)
     assert f["epsilon_all_rounds"] == pytest.approx(2.539203e9, rel=1e-6)
     assert f["release_noise_scale"] == pytest.approx(2e-4)
     assert f["release_noise_sd_over_gamma"] == pytest.approx(2 * math.sqrt(2))
@@ -278,27 +280,87 @@ def svt_meta(total: float, passes: int = 3) -> dict:
     }
 
 
-def test_svt_report_sums_rounds_and_flags_unprotected_updates(tmp_path):
+SELECTION_EXTRA = 1e-3 * (18 / 9 - 1)  # svt_meta's epsilon_query x (n_values / n_upload - 1) for 18 values
+
+
+def test_svt_report_counts_each_round_at_the_bound_and_flags_unprotected_updates(tmp_path):
     ledger = privacy_report.PrivacyLedger("svt", {"fraction": 0.9})
     for r, total in ((1, 5.0), (0, 2.0)):
-        ledger.add_update("site-1", r, "WEIGHT_DIFF", svt_meta(total), ["SVTPrivacy"])
-    ledger.add_update("site-2", 0, "WEIGHT_DIFF", svt_meta(2.0), ["SVTPrivacy"])
-    ledger.add_update("site-2", 1, "WEIGHTS", {}, [])  # arrived without SVT metadata
+        ledger.add_update("site-1", r, "WEIGHT_DIFF", svt_meta(total), ["SVTPrivacy"], n_values=18)
+    ledger.add_update("site-2", 0, "WEIGHT_DIFF", svt_meta(2.0), ["SVTPrivacy"], n_values=18)
+    ledger.add_update("site-2", 1, "WEIGHTS", {}, [], n_values=18)  # arrived without SVT metadata
     report = ledger.report()
     site1 = report["sites"]["site-1"]
     assert [row["round"] for row in site1["rounds"]] == [0, 1]
-    assert [row["cumulative_epsilon"] for row in site1["rounds"]] == [2.0, 7.0]
-    assert site1["epsilon"] == 7.0 and site1["delta"] == 0.0
-    assert report["max_epsilon"] == 7.0
+    assert [row["epsilon_nvflare"] for row in site1["rounds"]] == [2.0, 5.0]
+    # every accepted value costs epsilon_query / n_upload: with all 18 accepted, 2x what NVFlare reports for it
+    assert [row["epsilon"] for row in site1["rounds"]] == pytest.approx([2.0 + SELECTION_EXTRA, 5.0 + SELECTION_EXTRA])
+    assert [row["cumulative_epsilon"] for row in site1["rounds"]] == pytest.approx(
+        [2.0 + SELECTION_EXTRA, 7.0 + 2 * SELECTION_EXTRA]
+    )
+    assert site1["epsilon"] == pytest.approx(7.0 + 2 * SELECTION_EXTRA) and site1["delta"] == 0.0
+    assert report["max_epsilon"] == site1["epsilon"]
     assert report["updates_without_privacy_metadata"] == [{"site": "site-2", "round": 1, "data_kind": "WEIGHTS"}]
     path = tmp_path / "privacy_report.json"
     privacy_report.write_report(path, report)
     loaded = privacy_report.load_report(path)
     assert loaded == report
-    with pytest.raises(ValueError, match="without privacy metadata"):
+    with pytest.raises(ValueError, match="without the expected protection"):
         privacy_report.check_report(loaded, ["site-1", "site-2"], 2)
     lines = privacy_report.summary_lines(loaded, path)
     assert "site-1 7" in lines[0] and "site-2 2" in lines[0] and str(path) in lines[1]
+
+
+def test_a_second_svt_release_for_one_round_is_added_not_dropped():
+    ledger = privacy_report.PrivacyLedger("svt", {})
+    ledger.add_update("site-1", 0, "WEIGHT_DIFF", svt_meta(2.0), ["SVTPrivacy"], n_values=9)
+    ledger.add_update("site-1", 0, "WEIGHT_DIFF", svt_meta(3.0), ["SVTPrivacy"], n_values=9)  # sent again
+    ledger.add_update("site-1", 1, "WEIGHT_DIFF", svt_meta(2.0), ["SVTPrivacy"], n_values=9)
+    site = ledger.report()["sites"]["site-1"]
+    assert site["epsilon"] == pytest.approx(7.0) and site["releases_recorded"] == 3 and site["rounds_recorded"] == 2
+    privacy_report.check_report(ledger.report(), ["site-1"], 2)  # every round covered, every release counted
+
+
+def test_a_second_dpsgd_release_for_one_round_makes_the_accounting_incomplete():
+    ledger = privacy_report.PrivacyLedger("dpsgd", {})
+    plan = DPSGDPlan(8, 2, 1, 8.0, 0.01, 1.0, 1.0)
+    for r in (0, 0, 1):
+        ledger.add_update("site-1", r, "WEIGHT_DIFF", {privacy.DPSGD_META: dpsgd.dpsgd_round_record(plan, r)})
+    report = ledger.report()
+    assert report["sites"]["site-1"]["releases_recorded"] == 3
+    with pytest.raises(ValueError, match="site-1 sent 2 updates for round 0"):
+        privacy_report.check_report(report, ["site-1"], 2)
+
+
+def test_values_the_svt_filter_passed_through_unnoised_make_the_update_unprotected():
+    meta = svt_meta(2.0)
+    meta[privacy.SVT_BUDGET_META]["has_scalar_passthrough"] = True
+    ledger = privacy_report.PrivacyLedger("svt", {})
+    ledger.add_update("site-1", 0, "WEIGHT_DIFF", meta, ["SVTPrivacy"], n_values=9)
+    with pytest.raises(ValueError, match="without the expected protection"):
+        privacy_report.check_report(ledger.report(), ["site-1"], 1)
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.1])
+def test_svt_bound_holds_for_what_nvflare_actually_accepts(fraction, caplog):
+    """NVFlare finishes its pass after the c-th acceptance, so it accepts more than c values and reports less than
+    the selection costs; the project's bound (every value accepted) is never below the true cost."""
+    import logging
+
+    svt_filter, _ = job_svt_filter("--dp_fraction", str(fraction))
+    with caplog.at_level(logging.INFO):
+        out = run_filter(svt_filter, "WEIGHT_DIFF", small_update(3))
+    accepted = [r.getMessage() for r in caplog.records if "SVT acceptance completed" in r.getMessage()]
+    total_accepted, n_upload = (int(x) for x in accepted[-1].rsplit(" ", 3)[-3].split("/"))
+    budget = out.get_meta_prop(privacy.SVT_BUDGET_META)
+    true_cost = (
+        budget["epsilon_threshold"] + budget["epsilon_query"] * total_accepted / n_upload + budget["epsilon_release"]
+    )
+    ledger = privacy_report.PrivacyLedger("svt", {})
+    record = ledger.add_update("site-1", 0, "WEIGHT_DIFF", dict(out.meta), ["SVTPrivacy"], n_values=370)
+    assert total_accepted >= n_upload and record["epsilon_nvflare"] <= true_cost <= record["epsilon"]
+    if fraction == 0.1:  # a pass accepts far more than the 37 values asked for: NVFlare's figure is too low
+        assert total_accepted > 2 * n_upload and record["epsilon_nvflare"] < true_cost
 
 
 def test_report_check_names_a_site_with_missing_rounds():

@@ -1,26 +1,55 @@
-"""End-to-end privacy accounting in the real NVFlare simulator (tiny synthetic data, 2 clients x 2 rounds)."""
+"""End-to-end privacy in the real NVFlare simulator (tiny synthetic data, 2 sites x 2 rounds): the accounting, and
+that nothing computed from training data arrives at the server unprotected."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from recording_filter import UpdateRecorder
+from recording_filter import AnalyticsRecorder, UpdateRecorder
 from test_e2e import load_update, tiny_args
 
+import client
 import job
 from brats_fl.job_results import JobPaths, summarize_job
 from brats_fl.privacy import dpsgd, svt
 from brats_fl.privacy import report as privacy_report
-from result_stat.tb_events import read_site_scalars
+from result_stat.tb_events import read_scalars, read_site_scalars
 
 pytestmark = pytest.mark.e2e
 SITES = ("site-1", "site-2")
+VALIDATION_METRICS = {"val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"}
+# what may reach the server from a site under DP: the protected update, and metadata that depends on no training case
+ALLOWED_META = {
+    "NUM_STEPS_CURRENT_ROUND",  # fixed by the plan: training cases x epochs
+    "initial_metrics",  # the validation Dice of the received global model
+    "svt_privacy_budget",  # privacy metadata, written by NVFlare's SVT filter ...
+    "svt_privacy_accountant",
+    "dpsgd_privacy",  # ... or by the site's DP-SGD accountant
+}
+
+
+def record_arrivals(recipe, record_dir: Path) -> None:
+    """Record every task result and analytics event that reaches the server."""
+    recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
+    recipe._job.to_server(AnalyticsRecorder(str(record_dir)))
+
+
+def assert_nothing_unprotected_arrived(record_dir: Path, rounds: int = 2) -> None:
+    """Every analytics stream is the validation Dice or the privacy figure the server itself derives; every task
+    result carries only validation metrics and data-independent metadata next to the protected update."""
+    events = [json.loads(line) for line in (record_dir / "events.jsonl").read_text().splitlines()]
+    tags = {(e["site"], e["tag"]) for e in events}
+    assert {(s, "val_dice") for s in SITES} <= tags  # the recorder saw the sites' streams
+    assert {t for _, t in tags} <= VALIDATION_METRICS | {privacy_report.TB_TAG}, tags
+    for site in SITES:
+        for r in range(rounds):
+            meta = json.loads((record_dir / f"received_{site}_round{r}.json").read_text())
+            assert set(meta["meta_keys"]) <= ALLOWED_META, set(meta["meta_keys"]) - ALLOWED_META
+            assert set(meta["meta"]["initial_metrics"]) <= VALIDATION_METRICS
 
 
 def run_svt_recorded(argv: list[str], record_dir: Path, monkeypatch):
@@ -31,7 +60,7 @@ def run_svt_recorded(argv: list[str], record_dir: Path, monkeypatch):
     recipe = job.build_recipe(inputs)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
     add_privacy(recipe, inputs.settings, inputs.args.n_clients)
-    recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
+    record_arrivals(recipe, record_dir)
     job.run(inputs.args, recipe)
     return inputs
 
@@ -60,7 +89,11 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
             expected = svt.svt_round_budget(sum(v.size for v in raw.values()), settings)
             for part in ("epsilon_threshold", "epsilon_query", "epsilon_release"):
                 assert row[part] == nvflare[part] == pytest.approx(getattr(expected, part), rel=1e-12)
-            assert row["epsilon"] == nvflare["epsilon_total"] and row["n_upload"] == expected.n_upload
+            assert row["epsilon_nvflare"] == nvflare["epsilon_total"] and row["n_upload"] == expected.n_upload
+            # counted at the bound that holds whatever the filter accepted: every value accepted at worst
+            assert row["n_values"] == expected.n_values
+            assert row["epsilon"] == pytest.approx(expected.epsilon_bound, rel=1e-12)
+            assert row["epsilon"] > row["epsilon_nvflare"]
             assert row["acceptance_passes"] >= 1
             # how many values really left the site non-zero
             nonzero = sum(int(np.count_nonzero(v)) for v in received.values()) / expected.n_values
@@ -73,11 +106,15 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
         assert [v for _, v in tb[site][privacy_report.TB_TAG]] == pytest.approx(
             [r["cumulative_epsilon"] for r in rows], rel=1e-6
         )  # float32 in TensorBoard
+    assert_nothing_unprotected_arrived(tmp_path / "rec")
+    assert set(tb["site-1"]) == VALIDATION_METRICS | {privacy_report.TB_TAG}  # no train_loss at the server
     lines = job.privacy_summary(summary.paths.privacy_report, inputs.settings, args.n_clients)
     assert "privacy (SVT; pure DP, delta 0" in lines[0] and f"{report['max_epsilon']:.4g}" in lines[0]
 
 
-def test_dpsgd_job_from_the_command_line_spends_its_target(tiny_federation, tmp_path):
+def test_dpsgd_job_spends_its_target_and_keeps_training_statistics_at_the_sites(
+    tiny_federation, tmp_path, monkeypatch, capsys
+):
     data_dir, datalist_dir = tiny_federation
     argv = tiny_args(
         data_dir,
@@ -90,14 +127,24 @@ def test_dpsgd_job_from_the_command_line_spends_its_target(tiny_federation, tmp_
         "dpsgd",
         "--dp_target_epsilon",
         "6",
+        "--fedproxloss_mu",
+        "0.01",
     )
-    done = subprocess.run([sys.executable, "job.py", *argv], capture_output=True, text=True, cwd=job.REPO_DIR)
-    assert done.returncode == 0, done.stderr[-3000:]
+    build = job.build_recipe
+
+    def build_and_record(inputs):
+        recipe = build(inputs)
+        record_arrivals(recipe, tmp_path / "rec")
+        return recipe
+
+    monkeypatch.setattr(job, "build_recipe", build_and_record)
+    assert job.main(argv) == 0
+    done = capsys.readouterr()  # out: what job.py printed
     paths = JobPaths(tmp_path / "ws", "brats18_2_dpsgd")
     report = privacy_report.load_report(paths.privacy_report)
     privacy_report.check_report(report, list(SITES), 2)
     plan = dpsgd.plan_dpsgd(4, 2, 1, 6.0, None, 1.0)  # 4 training cases per tiny site
-    assert f"noise multiplier {plan.noise_multiplier:.4g} for epsilon 6.0 at delta 0.025" in done.stdout
+    assert f"noise multiplier {plan.noise_multiplier:.4g} for epsilon 6.0 at delta 0.025" in done.out
     tb = read_site_scalars(paths.tb_events)
     for site in SITES:
         rows = report["sites"][site]["rounds"]
@@ -107,11 +154,15 @@ def test_dpsgd_job_from_the_command_line_spends_its_target(tiny_federation, tmp_
         )
         assert rows[0]["epsilon"] < rows[1]["epsilon"] <= 6.0 and math.isclose(rows[1]["epsilon"], 6.0, abs_tol=0.02)
         assert [v for _, v in tb[site][privacy_report.TB_TAG]] == pytest.approx([r["epsilon"] for r in rows], rel=1e-6)
-    line = next(x for x in done.stdout.splitlines() if "privacy (DP-SGD" in x)
+    line = next(x for x in done.out.splitlines() if "privacy (DP-SGD" in x)
     assert "delta 0.025, target epsilon 6.0" in line
     for site in SITES:
         assert f"{site} {report['sites'][site]['epsilon']:.4g}" in line
-    assert str(paths.privacy_report) in done.stdout
-    # the clients' train_loss and steps went to TensorBoard as before
-    assert [v for _, v in tb["site-1"]["train_steps"]] == [4.0, 4.0]
+    assert str(paths.privacy_report) in done.out
     assert json.loads(paths.privacy_report.read_text())["updates_without_privacy_metadata"] == []
+    # nothing computed from the training cases reached the server unprotected: the loss stayed at the sites
+    assert_nothing_unprotected_arrived(tmp_path / "rec")
+    for site in SITES:
+        assert set(tb[site]) == VALIDATION_METRICS | {privacy_report.TB_TAG}
+        local = read_scalars(paths.job_dir / site / "simulate_job" / client.LOCAL_EVENTS_DIR)
+        assert [v for _, v in local["train_steps"]] == [4.0, 4.0] and len(local["train_loss"]) == 2

@@ -170,11 +170,15 @@ def dpsgd_round_record(plan: DPSGDPlan, round_num: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The private training step
 # ---------------------------------------------------------------------------------------------------------------
-def secret_generator() -> torch.Generator:
-    """A CPU generator seeded from the operating system's entropy pool."""
+def secret_generator(device="cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the operating system's entropy pool.
+
+    Opacus draws the noise with ``torch.normal(..., device=<the gradient's device>, generator=g)``, so the noise
+    generator must live where the model does (a CPU generator fails on CUDA, Opacus issue #263); the Poisson sampler
+    draws on the CPU. Each gets its own generator."""
     import torch
 
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def collate_or_none(batch: list):
@@ -185,7 +189,8 @@ def collate_or_none(batch: list):
 
 
 def poisson_loader(dataset, plan: DPSGDPlan, generator: torch.Generator, num_workers: int = 0) -> DataLoader:
-    """One epoch = plan.steps_per_epoch Poisson-sampled batches (the sampling the accountant assumes)."""
+    """One epoch = plan.steps_per_epoch Poisson-sampled batches (the sampling the accountant assumes); generator is a
+    CPU generator."""
     from monai.data import DataLoader
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -197,9 +202,14 @@ def poisson_loader(dataset, plan: DPSGDPlan, generator: torch.Generator, num_wor
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_or_none, num_workers=num_workers)
 
 
-def make_dp_optimizer(optimizer: torch.optim.Optimizer, plan: DPSGDPlan, generator: torch.Generator) -> DPOptimizer:
+def make_dp_optimizer(
+    optimizer: torch.optim.Optimizer, plan: DPSGDPlan, noise_generator: torch.Generator, secure_mode: bool = False
+) -> DPOptimizer:
     """Wrap the site's optimizer: clip each case's gradient, add the calibrated noise, divide by 1 (the expected
-    batch size: with Poisson sampling the actual size must not be used, it would leak how many cases were drawn)."""
+    batch size: with Poisson sampling the actual size must not be used, it would leak how many cases were drawn).
+
+    noise_generator must be on the model's device. secure_mode is Opacus's defence against floating-point attacks
+    on the Gaussian noise (each noise value is the scaled sum of 4 draws)."""
     from opacus.optimizers import DPOptimizer
 
     return DPOptimizer(
@@ -208,19 +218,16 @@ def make_dp_optimizer(optimizer: torch.optim.Optimizer, plan: DPSGDPlan, generat
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=1,
         loss_reduction="mean",
-        generator=generator,
+        generator=noise_generator,
+        secure_mode=secure_mode,
     )
 
 
-def set_per_case_gradients(
-    model, loss_fn, image: torch.Tensor | None, label: torch.Tensor | None, extra_loss=None
-) -> list[float]:
-    """Store each case's gradient in ``p.grad_sample`` (cases x parameter shape), as DPOptimizer expects.
+def set_per_case_gradients(model, loss_fn, image: torch.Tensor | None, label: torch.Tensor | None) -> list[float]:
+    """Store each case's gradient of its loss in ``p.grad_sample`` (cases x parameter shape), as DPOptimizer expects.
 
-    ``extra_loss(model)`` (e.g. FedProx's proximal term) is added to every case's loss; it does not depend on the
-    data, and clipping bounds each case's whole contribution anyway. An empty batch gets 0-row gradients, so the
-    step adds pure noise (the accountant counts it like any other step). Returns each case's loss.
-    """
+    An empty batch gets 0-row gradients, so the step adds pure noise (the accountant counts it like any other step).
+    Returns each case's loss."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -230,8 +237,6 @@ def set_per_case_gradients(
     for i in range(n_cases):
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model(image[i : i + 1]), label[i : i + 1])
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
         loss.backward()
         losses.append(float(loss.detach()))
         for slot, p in zip(per_param, params):
@@ -239,6 +244,37 @@ def set_per_case_gradients(
     model.zero_grad(set_to_none=True)
     for slot, p in zip(per_param, params):
         p.grad_sample = torch.stack(slot) if slot else torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    return losses
+
+
+def add_data_independent_gradient(model, extra_loss) -> None:
+    """Add the gradient of ``extra_loss(model)`` to the (already clipped and noised) gradients.
+
+    FedProx's proximal term depends only on the weights, not on any patient, so it costs no privacy: applied here,
+    after clipping, it acts once per step (also on empty Poisson steps) and uses none of the clipping budget."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p, g in zip(params, torch.autograd.grad(extra_loss(model), params, allow_unused=True)):
+        if g is not None:
+            p.grad = g.detach() if p.grad is None else p.grad + g.detach()
+
+
+def private_training(dataset, optimizer, plan: DPSGDPlan, device, num_workers: int = 0, secure_mode: bool = False):
+    """The Poisson-sampling loader (CPU generator) and the clipping/noising optimizer (noise generator on the model's
+    device), each generator seeded from the operating system."""
+    loader = poisson_loader(dataset, plan, secret_generator("cpu"), num_workers=num_workers)
+    return loader, make_dp_optimizer(optimizer, plan, secret_generator(device), secure_mode)
+
+
+def private_step(model, optimizer: DPOptimizer, loss_fn, image, label, extra_loss=None) -> list[float]:
+    """One DP-SGD step on the cases drawn (possibly none); returns their losses."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = set_per_case_gradients(model, loss_fn, image, label)
+    if optimizer.pre_step():  # clip each case, sum, add noise, scale: p.grad is now the private gradient
+        if extra_loss is not None:
+            add_data_independent_gradient(model, extra_loss)
+        optimizer.original_optimizer.step()
     return losses
 
 
@@ -254,9 +290,7 @@ def train_one_round(
             image = label = None
             if batch is not None:
                 image, label = batch["image"].to(device), batch["label"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            losses += set_per_case_gradients(model, loss_fn, image, label, extra)
-            optimizer.step()
+            losses += private_step(model, optimizer, loss_fn, image, label, extra)
             steps += 1
     optimizer.zero_grad(set_to_none=True)
     return steps, sum(losses) / max(len(losses), 1)

@@ -13,80 +13,112 @@ from pathlib import Path
 
 from brats_fl.privacy import DPSGD_META, MECHANISMS, SVT_ACCOUNTANT_META, SVT_BUDGET_META
 from brats_fl.privacy.dpsgd import DPSGD_ACCOUNTANT
+from brats_fl.privacy.svt import SVTRoundBudget
 
 REPORT_FILE = "privacy_report.json"
 TB_TAG = "privacy_epsilon"  # cumulative epsilon of the site after each round, TensorBoard global step = FL round
 
 
+WHAT_LEAVES_A_SITE = (
+    "Besides the protected update, a site sends: the validation Dice of the global model it received (computed on "
+    "the validation cases, which no mechanism protects: a shared set in the paper's setting, the site's own patients "
+    "in a real federation), the number of local steps (fixed by the plan: training cases x epochs), and this privacy "
+    "metadata. The training loss and step count are logged into the site's own job folder (local_tb_events/) and "
+    "its log, which stay at the site."
+)
 GUARANTEES = {
     "svt": (
-        "pure epsilon-DP (delta 0) of each client's whole weight-difference update per round, i.e. site-level: the "
-        "unit of privacy is everything the site sent that round. Rounds compose by basic composition (the sum). No "
-        "amplification by subsampling is claimed. Not covered: the validation metrics and the step count sent "
-        "beside the update."
+        "pure epsilon-DP (delta 0) of each site's whole weight-difference update per round, i.e. site-level: the "
+        "unit of privacy is everything the site's update says about its training data that round. Rounds compose by "
+        "basic composition (the sum). Each round is counted at the bound epsilon_threshold + epsilon_query x "
+        "n_values / n_upload + epsilon_release, because NVFlare's filter finishes its pass over the update after "
+        "the c-th accepted value and does not report how many it accepted (the worst case, every value, is used); "
+        "NVFlare's own figure is kept as epsilon_nvflare. No amplification by subsampling is claimed. "
+        + WHAT_LEAVES_A_SITE
     ),
     "dpsgd": (
         "(epsilon, delta)-DP of each training case (one patient's MRI study) at each site, over all of that site's "
         "local steps so far, from Opacus's RDP accountant for the Poisson-sampled Gaussian mechanism (sampling "
         "rate 1/n per step). Every later use of the updates is post-processing. Not covered: the site's number of "
-        "training cases (public, it sets the sampling rate), and patients who appear in several cases."
+        "training cases (public, it sets the sampling rate), and patients who appear in several cases. "
+        + WHAT_LEAVES_A_SITE
     ),
+}
+ACCOUNTING = {
+    "svt": "sum over every release of the bound above (pure DP, delta 0)",
+    "dpsgd": f"Opacus {DPSGD_ACCOUNTANT} accountant, recomputed from the plan after every round",
 }
 
 
 class PrivacyLedger:
-    """Collects the privacy records of received updates; thread-safety is the caller's job."""
+    """Every privacy-relevant release the server received, per site; thread-safety is the caller's job.
+
+    A site that sends two results for one round has released twice: under SVT both are counted, under DP-SGD (whose
+    plan covers one round of steps per round) the site's accounting is marked incomplete. Nothing is dropped."""
 
     def __init__(self, mechanism: str, settings: dict) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
         self.mechanism = mechanism
         self.settings = dict(settings)
-        self.records: dict[str, dict[int, dict]] = {}
+        self.records: dict[str, list[dict]] = {}
         self.unprotected: list[dict] = []
+        self.problems: list[str] = []
 
     def add_update(
-        self, site: str, round_num: int, data_kind: str, meta: dict, filter_history: list[str] | None = None
+        self,
+        site: str,
+        round_num: int,
+        data_kind: str,
+        meta: dict,
+        filter_history: list[str] | None = None,
+        n_values: int | None = None,
     ) -> dict | None:
-        """Record one received update; returns the record, or None (and notes it) if it carries no privacy meta."""
-        record = self._record_from_meta(meta)
+        """Record one received update of n_values numbers; returns the record, or None (and notes the update as
+        unprotected) if it carries no privacy metadata or parts of it passed the mechanism unprotected."""
+        record = self._record_from_meta(meta, n_values)
+        where = {"site": site, "round": int(round_num), "data_kind": data_kind}
         if record is None:
-            self.unprotected.append({"site": site, "round": int(round_num), "data_kind": data_kind})
+            self.unprotected.append(where)
             return None
+        if record.pop("unprotected_part", False):
+            self.unprotected.append({**where, "why": "SVTPrivacy passed scalar values through without noise"})
         record.update(round=int(round_num), data_kind=data_kind, filter_history=list(filter_history or []))
-        self.records.setdefault(site, {})[int(round_num)] = record  # a re-sent round replaces the earlier one
+        earlier = [r for r in self.records.get(site, []) if r["round"] == int(round_num)]
+        if earlier and self.mechanism == "dpsgd":
+            self.problems.append(
+                f"{site} sent {len(earlier) + 1} updates for round {round_num}: the DP-SGD plan covers one round of "
+                "steps per round, so its epsilon understates what this site spent"
+            )
+        self.records.setdefault(site, []).append(record)
         return record
 
-    def _record_from_meta(self, meta: dict) -> dict | None:
-        if self.mechanism == "svt":
-            budget = meta.get(SVT_BUDGET_META)
-            if not budget:
-                return None
-            record = {
-                k: budget.get(k)
-                for k in (
-                    "epsilon_threshold",
-                    "epsilon_query",
-                    "epsilon_release",
-                    "n_upload",
-                    "acceptance_passes",
-                    "delta",
-                )
-            }
-            record["epsilon"] = float(budget["epsilon_total"])  # this round's spend, as NVFlare reports it
-            filter_total = (meta.get(SVT_ACCOUNTANT_META) or {}).get("epsilon_total")
-            record["filter_cumulative_epsilon"] = filter_total  # NVFlare's own running sum (resets with the client)
-            return record
-        dp = meta.get(DPSGD_META)
-        return dict(dp) if dp else None
+    def _record_from_meta(self, meta: dict, n_values: int | None) -> dict | None:
+        if self.mechanism == "dpsgd":
+            dp = meta.get(DPSGD_META)
+            return dict(dp) if dp else None
+        budget = meta.get(SVT_BUDGET_META)
+        if not budget:
+            return None
+        keys = ("epsilon_threshold", "epsilon_query", "epsilon_release", "n_upload", "acceptance_passes", "delta")
+        record = {k: budget.get(k) for k in keys}
+        record["epsilon_nvflare"] = float(budget["epsilon_total"])  # NVFlare's figure for the call
+        if not n_values:
+            raise ValueError("an SVT release is counted at its worst-case bound, which needs the update's size")
+        record["n_values"] = n_values = int(n_values)
+        call = SVTRoundBudget(n_values, int(budget["n_upload"]), *(float(budget[k]) for k in keys[:3]))
+        record["epsilon"] = call.epsilon_bound  # what this release is counted at: the bound that holds
+        record["filter_cumulative_epsilon"] = (meta.get(SVT_ACCOUNTANT_META) or {}).get("epsilon_total")
+        record["unprotected_part"] = bool(budget.get("has_scalar_passthrough"))
+        return record
 
     def site_rounds(self, site: str) -> list[dict]:
-        """The site's records in round order, each with the cumulative epsilon after that round."""
+        """The site's releases in round order, each with the site's cumulative epsilon after it."""
         rows, running = [], 0.0
-        for round_num in sorted(self.records.get(site, {})):
-            row = dict(self.records[site][round_num])
+        for row in sorted(self.records.get(site, []), key=lambda r: r["round"]):
+            row = dict(row)
             if self.mechanism == "svt":
-                running += row["epsilon"]  # basic composition of pure-DP rounds
+                running += row["epsilon"]  # basic composition of pure-DP releases
                 row["cumulative_epsilon"] = running
             else:
                 row["cumulative_epsilon"] = row["epsilon"]  # the accountant's figure is already cumulative
@@ -98,21 +130,21 @@ class PrivacyLedger:
         for site in sorted(self.records):
             rows = self.site_rounds(site)
             sites[site] = {
-                "epsilon": rows[-1]["cumulative_epsilon"],
+                "epsilon": max(r["cumulative_epsilon"] for r in rows),
                 "delta": float(rows[-1].get("delta") or 0.0),
-                "rounds_recorded": len(rows),
+                "rounds_recorded": len({r["round"] for r in rows}),
+                "releases_recorded": len(rows),
                 "rounds": rows,
             }
         return {
             "mechanism": self.mechanism,
             "guarantee": GUARANTEES[self.mechanism],
-            "accounting": "sum of NVFlare's per-call epsilon (pure DP, delta 0)"
-            if self.mechanism == "svt"
-            else f"Opacus {DPSGD_ACCOUNTANT} accountant, recomputed from the plan after every round",
+            "accounting": ACCOUNTING[self.mechanism],
             "settings": self.settings,
             "sites": sites,
             "max_epsilon": max((s["epsilon"] for s in sites.values()), default=0.0),
             "updates_without_privacy_metadata": list(self.unprotected),
+            "accounting_problems": list(self.problems),
         }
 
 
@@ -129,12 +161,15 @@ def load_report(path: str | Path) -> dict:
 
 
 def check_report(report: dict, sites: list[str], num_rounds: int) -> None:
-    """ValueError unless every site has exactly one record per round and no update came without privacy meta."""
+    """ValueError unless every site's releases cover every round, no update came without protection and nothing
+    made the accounting incomplete."""
     if report.get("updates_without_privacy_metadata"):
         bad = report["updates_without_privacy_metadata"]
-        raise ValueError(f"{len(bad)} update(s) reached the server without privacy metadata, first: {bad[0]}")
+        raise ValueError(f"{len(bad)} update(s) reached the server without the expected protection, first: {bad[0]}")
+    if report.get("accounting_problems"):
+        raise ValueError(f"accounting incomplete: {report['accounting_problems'][0]}")
     for site in sites:
-        rounds = [r["round"] for r in report["sites"].get(site, {}).get("rounds", [])]
+        rounds = sorted({r["round"] for r in report["sites"].get(site, {}).get("rounds", [])})
         if rounds != list(range(num_rounds)):
             raise ValueError(f"privacy report of {site} covers rounds {rounds}, expected 0..{num_rounds - 1}")
 
@@ -144,7 +179,7 @@ def summary_lines(report: dict, path: str | Path) -> list[str]:
     sites = report["sites"]
     per_site = ", ".join(f"{s} {v['epsilon']:.4g}" for s, v in sites.items())
     if report["mechanism"] == "svt":
-        head = "  privacy (SVT; pure DP, delta 0, per site update, summed over rounds): epsilon"
+        head = "  privacy (SVT; pure DP, delta 0, per site update, bound summed over rounds): epsilon"
     else:
         deltas = sorted({v["delta"] for v in sites.values()})
         target = report["settings"].get("target_epsilon")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from threading import Lock
 
+import numpy as np
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.dxo_filter import DXOFilter
@@ -27,6 +28,11 @@ from nvflare.app_common.app_constant import AppConstants
 
 from brats_fl.privacy import SVT_BUDGET_META
 from brats_fl.privacy.report import REPORT_FILE, TB_TAG, PrivacyLedger, write_report
+
+
+def n_values_of(dxo: DXO) -> int:
+    """Numbers in the update (what SVT's worst-case selection bound needs)."""
+    return int(sum(np.size(v) for v in (dxo.data or {}).values()))
 
 
 class PrivacyReportCollector(DXOFilter):
@@ -62,8 +68,10 @@ class PrivacyReportCollector(DXOFilter):
         site = peer.get_identity_name() if peer else "unknown-site"
         round_num = self._round_of(dxo, shareable)
         with self._lock:
-            record = self._ledger.add_update(site, round_num, dxo.data_kind, dict(dxo.meta), dxo.get_filter_history())
-            cumulative = self._ledger.site_rounds(site)[-1]["cumulative_epsilon"] if record else None
+            record = self._ledger.add_update(
+                site, round_num, dxo.data_kind, dict(dxo.meta), dxo.get_filter_history(), n_values_of(dxo)
+            )
+            cumulative = max(r["cumulative_epsilon"] for r in self._ledger.site_rounds(site)) if record else None
             if self._report_path is not None:
                 write_report(self._report_path, self._ledger.report())
         if record is None:

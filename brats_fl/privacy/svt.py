@@ -33,11 +33,18 @@ class SVTRoundBudget:
     epsilon_threshold: float
     epsilon_query: float
     epsilon_release: float
-    gamma: float
+    gamma: float | None = None  # the clipping bound; only the noise scales need it
 
     @property
     def epsilon_total(self) -> float:
+        """What NVFlare reports for the call: the textbook SVT figure, valid if selection stopped at the c-th value."""
         return self.epsilon_threshold + self.epsilon_query + self.epsilon_release
+
+    @property
+    def epsilon_bound(self) -> float:
+        """What the call spends at most: NVFlare finishes its pass after the c-th acceptance and every accepted value
+        costs epsilon_query / c, so with at most n_values accepted (the worst case) this bound holds."""
+        return self.epsilon_threshold + self.epsilon_query * self.n_values / self.n_upload + self.epsilon_release
 
     @property
     def threshold_noise_scale(self) -> float:
@@ -113,9 +120,10 @@ def svt_figures(n_values: int, settings: SVTSettings, num_rounds: int) -> dict[s
         "epsilon_threshold": b.epsilon_threshold,
         "epsilon_query": b.epsilon_query,
         "epsilon_release": b.epsilon_release,
-        "epsilon_per_round": b.epsilon_total,
+        "epsilon_per_round_nvflare": b.epsilon_total,
+        "epsilon_per_round": b.epsilon_bound,
         "num_rounds": num_rounds,
-        "epsilon_all_rounds": b.epsilon_total * num_rounds,
+        "epsilon_all_rounds": b.epsilon_bound * num_rounds,
         "gamma": settings.gamma,
         "threshold_noise_scale": b.threshold_noise_scale,
         "query_noise_scale": b.query_noise_scale,
