@@ -25,6 +25,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
 
 import brats_fl.pipeline as bp
+from brats_fl.cache import CaseCache
 from brats_fl.privacy import DPSGD_META, dpsgd
 from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 from model import BratsSegResNet
@@ -43,14 +44,35 @@ def site_datalist_path(settings: TrainingSettings, site_name: str) -> Path:
     return Path(settings.datalist_json_path) / f"{name}.json"
 
 
-def build_datasets(settings: TrainingSettings, datalist_path: Path):
+def build_datasets(settings: TrainingSettings, datalist_path: Path, validates: bool):
+    """The site's training cases, and its validation cases if it validates; preprocessed cases come from the disk
+    cache shared by every site and round on this machine when the settings name one."""
     datalist = bp.read_datalist(datalist_path)
     et_label = bp.datalist_et_label(datalist)
-    train_entries = bp.resolve_entries(datalist["training"], settings.dataset_base_dir)
-    val_entries = bp.resolve_entries(datalist["validation"], settings.dataset_base_dir)
-    train_ds = bp.make_dataset(train_entries, bp.train_transforms(settings.roi_size, et_label), settings.cache_dataset)
-    val_ds = bp.make_dataset(val_entries, bp.val_transforms(et_label), settings.cache_dataset)
+    cache = CaseCache(settings.cache_dir) if settings.cache_dir else None
+
+    def dataset(part: str, steps):
+        entries = bp.resolve_entries(datalist[part], settings.dataset_base_dir)
+        return bp.make_dataset(entries, steps, cache, settings.cache_dataset)
+
+    train_ds = dataset("training", bp.training_steps(settings.roi_size, et_label))
+    val_ds = dataset("validation", bp.validation_steps(et_label)) if validates else None
     return train_ds, val_ds
+
+
+def validates_here(settings: TrainingSettings, site_name: str) -> bool:
+    """Every site validates the same global model each round; on the same shared cases that is the same figure N
+    times, so by default one site does it and the others send no Dice (FedAvg then averages over that site alone)."""
+    return settings.validate_at == "every_site" or site_name == settings.validating_site
+
+
+def validate(model, val_loader, device, settings: TrainingSettings, use_amp: bool) -> dict[str, float]:
+    """Dice of the received global model on the site's validation cases; {} at a site that does not validate (an
+    empty dict, not None: NVFlare's FedAvg then leaves the site out of the round's mean instead of dropping it)."""
+    if val_loader is None:
+        return {}
+    metrics = bp.evaluate_dice(model, val_loader, device, settings.infer_roi_size, use_amp=use_amp)
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 def keep_dp_noise_secret() -> None:
@@ -128,8 +150,7 @@ def log_round(to_server, training_writer, round_num: int, metrics: dict[str, flo
     """TensorBoard scalars, one point per round (global step = FL round): the validation Dice of the received global
     model to the server, the training statistics to training_writer."""
     for key, value in metrics.items():
-        if not math.isnan(value):
-            to_server.add_scalar(key, value, global_step=round_num)
+        to_server.add_scalar(key, value, global_step=round_num)
     training_writer.add_scalar("train_loss", train_loss, global_step=round_num)
     training_writer.add_scalar("train_steps", steps, global_step=round_num)
 
@@ -148,9 +169,12 @@ def main() -> None:
     if settings.dp_mechanism:
         keep_dp_noise_secret()
 
-    train_ds, val_ds = build_datasets(settings, site_datalist_path(settings, site_name))
-    train_loader = bp.make_loader(train_ds, shuffle=True, num_workers=settings.num_workers)
-    val_loader = bp.make_loader(val_ds, shuffle=False, num_workers=settings.num_workers)
+    train_ds, val_ds = build_datasets(
+        settings, site_datalist_path(settings, site_name), validates_here(settings, site_name)
+    )
+    loader_options = {"num_workers": settings.num_workers, "pin_memory": device.type == "cuda"}
+    train_loader = bp.make_loader(train_ds, shuffle=True, **loader_options)
+    val_loader = bp.make_loader(val_ds, shuffle=False, **loader_options) if val_ds is not None else None
     model = BratsSegResNet(init_filters=settings.init_filters).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
     plan = None
@@ -173,7 +197,7 @@ def main() -> None:
             break
         round_num = input_model.current_round
         model.load_state_dict(input_model.params)
-        metrics = bp.evaluate_dice(model, val_loader, device, settings.infer_roi_size, use_amp=use_amp)
+        metrics = validate(model, val_loader, device, settings, use_amp)
         global_model = frozen_copy(model) if fedprox is not None else None  # FedProx pulls towards it
 
         started = time.perf_counter()
@@ -197,17 +221,17 @@ def main() -> None:
             meta[DPSGD_META] = dpsgd.dpsgd_round_record(plan, round_num)
         log_round(to_server, training_writer, round_num, metrics, train_loss, steps)
         privacy_note = f", epsilon {meta[DPSGD_META]['epsilon']:.4g} spent" if plan else ""
+        dice = f"global model val_dice {metrics['val_dice']:.4f}, " if "val_dice" in metrics else ""
         print(
-            f"[{site_name}] round {round_num}: global model val_dice {metrics['val_dice']:.4f}, "
-            f"{steps} local steps in {time.perf_counter() - started:.1f} s, train loss {train_loss:.4f}"
-            f"{privacy_note}",
+            f"[{site_name}] round {round_num}: {dice}{steps} local steps in {time.perf_counter() - started:.1f} s, "
+            f"train loss {train_loss:.4f}{privacy_note}",
             flush=True,
         )
 
         flare.send(
             flare.FLModel(
                 params={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                metrics={k: v for k, v in metrics.items() if not math.isnan(v)},
+                metrics=metrics,
                 meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps, **meta},
             )
         )

@@ -26,6 +26,7 @@ from pathlib import Path
 import nvflare.recipe  # noqa: F401
 
 from brats_fl.settings import (
+    CACHE_FOLDER,
     DEFAULT_WORKSPACE,
     DEMO_OVERRIDES,
     EXIT_BAD_INPUT,
@@ -43,6 +44,7 @@ from brats_fl.settings import (
 )
 
 PACKAGE_DIR = REPO_DIR / "brats_fl"
+MAX_DEFAULT_WORKERS = 8
 # torch, MONAI and NVFlare's job API take seconds to import: they are imported inside the functions below, so that
 # `python job.py --help` and bad-input errors answer at once.
 
@@ -101,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     setting(tr, "init_filters", "SegResNet base width", type=int)
     tr.add_argument("--no_amp", action="store_true", help="turn mixed precision off on CUDA (on by default there)")
     setting(tr, "seed", "seed of the initial weights and of the sites' sampling and augmentation", type=int)
+    tr.add_argument(
+        "--validate_every_site",
+        action="store_true",
+        help="every site validates the global model every round, as the paper's workflow does (default: the first "
+        "site validates it once for all, when all sites share the validation cases; every site otherwise)",
+    )
 
     data = p.add_argument_group("data (leave both out to run the synthetic demo)")
     data.add_argument(
@@ -123,7 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="sites running at once, 1..n_clients; '--gpu 0 --threads 4' puts 4 sites on one GPU (default: n_clients)",
     )
-    setting(hw, "num_workers", "data-loading worker processes per site; >0 overlaps loading with compute", type=int)
+    hw.add_argument(
+        "--num_workers",
+        type=int,
+        help="data-loading worker processes per site, overlapping loading with compute (default: what fits the "
+        "machine: cores per running site - 1, at most 8; 0 on a 2-core machine)",
+    )
+    hw.add_argument(
+        "--cache_dir",
+        help="disk cache of preprocessed cases, shared by every site, round and job on this machine and by the "
+        f"evaluation (default: <workspace>/{CACHE_FOLDER}); a case is preprocessed once, then loads in a fraction of "
+        "the time",
+    )
+    hw.add_argument("--no_cache", action="store_true", help="load and preprocess every case at every use instead")
 
     dp = p.add_argument_group(
         "differential privacy (the spent epsilon of every site and round goes to <job>/server/simulate_job/"
@@ -195,11 +215,24 @@ def settings_from_flags(args: argparse.Namespace, demo: bool) -> TrainingSetting
         centralised=args.n_clients == 1,
         amp=not args.no_amp,
         dp_mechanism=args.dp_mechanism if args.enable_dp else None,
-        torch_threads=max(1, (os.cpu_count() or 1) // (args.threads or args.n_clients or 1)),
+        torch_threads=max(1, cores_per_site(args)),
+        num_workers=default_workers(args) if args.num_workers is None else args.num_workers,
+        cache_dir=None if args.no_cache else str(Path(args.cache_dir or Path(args.workspace) / CACHE_FOLDER).resolve()),
+        validate_at="every_site" if args.validate_every_site else "one_site",
         dataset_base_dir=None,  # filled in once the data is resolved
         datalist_json_path=None,
     )
     return TrainingSettings(**values)
+
+
+def cores_per_site(args: argparse.Namespace) -> int:
+    """CPU cores for each site running at once (the simulator runs --threads sites side by side)."""
+    return (os.cpu_count() or 1) // (args.threads or args.n_clients or 1)
+
+
+def default_workers(args: argparse.Namespace) -> int:
+    """Loader workers that fit: a site's cores minus the one its training loop uses, at most MAX_DEFAULT_WORKERS."""
+    return max(0, min(MAX_DEFAULT_WORKERS, cores_per_site(args) - 1))
 
 
 def check_job_flags(args: argparse.Namespace) -> None:
@@ -251,6 +284,15 @@ def resolve_data(args: argparse.Namespace, demo: bool) -> tuple[Path, Path]:
     return Path(args.dataset_base_dir), datalist_dir
 
 
+def validation_is_shared(datalist_dir: Path, n_clients: int) -> bool:
+    """Whether every site's datalist lists the same validation cases (the paper's setting)."""
+    from brats_fl.pipeline import read_datalist
+    from dataset_brats18.datalist import site_datalist_names
+
+    lists = [read_datalist(datalist_dir / f"{name}.json")["validation"] for name in site_datalist_names(n_clients)]
+    return all(v == lists[0] for v in lists)
+
+
 def plan_dpsgd_sites(settings: TrainingSettings, n_clients: int) -> dict:
     """Calibrate each site's DP-SGD noise now, so a target the accountant cannot reach stops the job before it runs.
 
@@ -298,6 +340,9 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
     dataset_dir, datalist_dir = resolve_data(args, demo)
     settings.dataset_base_dir = str(dataset_dir.resolve())
     settings.datalist_json_path = str(datalist_dir.resolve())
+    if settings.validate_at == "one_site" and not validation_is_shared(datalist_dir, args.n_clients):
+        settings.validate_at = "every_site"
+        print("The sites' datalists list different validation cases: every site validates on its own.", flush=True)
     plans = plan_dpsgd_sites(settings, args.n_clients) if settings.dp_mechanism == "dpsgd" else {}
     return JobInputs(args, settings, demo, plans)
 
@@ -403,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     args, settings = inputs.args, inputs.settings
     warn_if_gpu_unusable(args)
+    report_cache(settings)
     for site, plan in inputs.dpsgd_plans.items():
         print(
             f"DP-SGD {site}: {plan.n_train} training cases, sampling rate {plan.sample_rate:.3g}, "
@@ -419,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: job {args.job_name} failed: {cause or e}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        summary = summarize_job(workspace, args.job_name, settings.num_rounds, args.n_clients)
+        summary = summarize_job(
+            workspace, args.job_name, settings.num_rounds, validating_sites(settings, args.n_clients)
+        )
     except JobResultError as e:
         print(f"error: job {args.job_name} did not finish properly: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -432,6 +480,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
     print(summary.render())
     return 0
+
+
+def validating_sites(settings: TrainingSettings, n_clients: int) -> list[str]:
+    """The sites whose validation Dice every round must carry."""
+    if settings.validate_at == "every_site":
+        return [f"site-{i}" for i in range(1, n_clients + 1)]
+    return [settings.validating_site]
+
+
+def report_cache(settings: TrainingSettings) -> None:
+    """One line on the disk cache the sites will fill and reuse (temporary files of dead runs are removed)."""
+    from brats_fl.cache import CaseCache
+
+    if settings.cache_dir is None:
+        print("Preprocessed-case cache: off (--no_cache); every case is loaded and preprocessed at every use.")
+        return
+    cache = CaseCache(settings.cache_dir)
+    cache.remove_stale_temporaries()
+    print(f"Preprocessed-case cache: {cache.describe()}", flush=True)
 
 
 def warn_if_gpu_unusable(args: argparse.Namespace) -> None:

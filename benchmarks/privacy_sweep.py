@@ -173,7 +173,7 @@ def run_config(config: SweepConfig, args: argparse.Namespace) -> dict:
 
 def read_row(config: SweepConfig, args: argparse.Namespace, runtime: float) -> dict:
     """Best and final global val_dice (final = the last round's validation) and the largest per-site epsilon."""
-    summary = summarize_job(Path(args.workspace), config.name, args.num_rounds, args.n_clients)
+    summary = summarize_job(Path(args.workspace), config.name, args.num_rounds, ["site-1"])
     row = {
         "config": config.name,
         "mechanism": config.mechanism,

@@ -3,8 +3,8 @@
 NVFlare 2.9 writes, under ``<workspace>/<job>/server/simulate_job/``: ``metrics/round_metrics.jsonl`` (per round, the
 weighted mean of the metrics the clients sent and each site's own values), ``metrics/metrics_summary.json`` (the
 best round chosen by the model selector), ``app_server/best_FL_global_model.pt`` and ``tb_events/site-N/``.
-A job counts as successful only if every round has a result from every site and a best model exists: the simulator
-can return normally after a client process died.
+A job counts as successful only if every round has the validation of every validating site and a best model exists:
+the simulator can return normally after a site's process died.
 """
 
 from __future__ import annotations
@@ -122,18 +122,20 @@ def best_round_of(rounds: list[RoundMetrics], key: str = "val_dice") -> int:
     return best
 
 
-def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, n_clients: int) -> JobSummary:
-    """Check a finished job and gather its headline figures; JobResultError if anything is missing."""
+def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, validating_sites: list[str]) -> JobSummary:
+    """Check a finished job and gather its headline figures; JobResultError if anything is missing.
+
+    validating_sites are the sites that must have reported a validation Dice in every round (FedAvg itself waits
+    for every site's update each round, so a missing update already stops the job)."""
     paths = JobPaths(Path(workspace_root), job_name)
     if not paths.round_metrics.is_file():
         raise JobResultError(f"no round metrics at {paths.round_metrics}; see {paths.server_log} and site-*/log.txt")
     rounds = read_round_metrics(paths.round_metrics)
-    sites = {f"site-{i}" for i in range(1, n_clients + 1)}
     for r in rounds:
-        if set(r.sites) != sites:
-            lacking = sorted(sites - set(r.sites))
+        lacking = sorted(set(validating_sites) - set(r.sites))
+        if lacking:
             raise JobResultError(
-                f"round {r.round} lacks results from {', '.join(lacking)}; see {paths.job_dir}/<site>/log.txt"
+                f"round {r.round} lacks the validation of {', '.join(lacking)}; see {paths.job_dir}/<site>/log.txt"
             )
     if len(rounds) != expected_rounds:
         raise JobResultError(f"{len(rounds)} of {expected_rounds} rounds reported metrics; see {paths.server_log}")

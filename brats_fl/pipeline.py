@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from monai.transforms import (
@@ -32,6 +32,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+
+from brats_fl.cache import CaseCache
 
 MODALITIES = ("t1ce", "t1", "t2", "flair")  # channel order of the network input
 REGIONS = ("tc", "wt", "et")  # channel order of the network output
@@ -64,27 +66,27 @@ def labels_to_regions(
     case) means the wrong convention was chosen, and silently dropping those voxels would corrupt training.
     """
     is_tensor = isinstance(label, torch.Tensor)
-    values = torch.unique(label).tolist() if is_tensor else np.unique(label).tolist()
-    allowed = {0, NECROSIS_LABEL, EDEMA_LABEL, et_label}
-    unexpected = sorted(int(v) if float(v).is_integer() else v for v in values if v not in allowed)
-    if unexpected:
-        raise ValueError(
-            f"label values {unexpected} are not in the expected set {sorted(allowed)} (et_label={et_label}); "
-            'check the dataset\'s label convention (BraTS 2023+ uses 3 for enhancing tumour: set "et_label": 3 '
-            "in the datalist)"
-        )
     if label.ndim == 4:
         if label.shape[0] != 1:
             raise ValueError(f"expected a single-channel label map, got shape {tuple(label.shape)}")
         label = label[0]
+    # one comparison per label value instead of sorting the volume: this runs on every load of every case
+    is_value = {v: label == v for v in (0, NECROSIS_LABEL, EDEMA_LABEL, et_label)}
+    known = is_value[0] | is_value[NECROSIS_LABEL] | is_value[EDEMA_LABEL] | is_value[et_label]
+    if not bool(known.all()):
+        values = (torch.unique(label[~known]) if is_tensor else np.unique(label[~known])).tolist()
+        allowed = sorted(is_value)
+        unexpected = sorted(int(v) if float(v).is_integer() else v for v in values)
+        raise ValueError(
+            f"label values {unexpected} are not in the expected set {allowed} (et_label={et_label}); "
+            'check the dataset\'s label convention (BraTS 2023+ uses 3 for enhancing tumour: set "et_label": 3 '
+            "in the datalist)"
+        )
     channels = []
     for labels in region_label_sets(et_label).values():
-        if is_tensor:
-            mask = torch.zeros_like(label, dtype=torch.bool)
-            for v in labels:
-                mask |= label == v
-        else:
-            mask = np.isin(label, labels)
+        mask = is_value[labels[0]]
+        for v in labels[1:]:
+            mask = mask | is_value[v]
         channels.append(mask)
     return torch.stack(channels).float() if is_tensor else np.stack(channels).astype(np.float32)
 
@@ -134,23 +136,26 @@ def _with_same_meta(original, new: torch.Tensor | np.ndarray):
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------------------------------------------
-def load_transforms(et_label: int = ET_LABEL_BRATS2017) -> list:
-    """Load the 4 modalities as channels and the label as TC/WT/ET, in RAS orientation at 1 mm."""
-    return [
-        LoadImaged(keys=["image", "label"], image_only=True),
-        EnsureChannelFirstd(keys=["image", "label"]),
-        EnsureTyped(keys=["image", "label"], dtype=torch.float32),
-        ConvertToBratsRegionsd(keys="label", et_label=et_label),
-        Orientationd(keys=["image", "label"], axcodes="RAS"),
-        Spacingd(keys=["image", "label"], pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
-    ]
-
-
-def train_transforms(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:
-    """Random roi_size crop (padded first if the volume is smaller), flips, intensity augmentation."""
+def preprocessing_transforms() -> Compose:
+    """The deterministic part of loading a case, which the disk cache stores: the 4 modalities as float32 channels
+    and the label map, in RAS orientation at 1 mm (MONAI leaves a volume already at 1 mm as it is)."""
     return Compose(
-        load_transforms(et_label)
-        + [
+        [
+            LoadImaged(keys=["image", "label"], image_only=True),
+            EnsureChannelFirstd(keys=["image", "label"]),
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32),
+            Orientationd(keys=["image", "label"], axcodes="RAS"),
+            Spacingd(keys=["image", "label"], pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
+        ]
+    )
+
+
+def training_steps(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:
+    """After preprocessing, for training: TC/WT/ET channels, a random roi_size crop (padded first if the volume is
+    smaller), flips, intensity normalisation and augmentation."""
+    return Compose(
+        [
+            ConvertToBratsRegionsd(keys="label", et_label=et_label),
             SpatialPadd(keys=["image", "label"], spatial_size=list(roi_size)),
             RandSpatialCropd(keys=["image", "label"], roi_size=list(roi_size), random_size=False),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
@@ -163,9 +168,25 @@ def train_transforms(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017
     )
 
 
+def validation_steps(et_label: int = ET_LABEL_BRATS2017) -> Compose:
+    """After preprocessing, for validation: TC/WT/ET channels and normalisation of the whole volume (no crop:
+    sliding-window inference pads each window to a SegResNet-compatible size)."""
+    return Compose(
+        [
+            ConvertToBratsRegionsd(keys="label", et_label=et_label),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        ]
+    )
+
+
+def train_transforms(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:
+    """The whole training chain from file paths, without any cache."""
+    return Compose([*preprocessing_transforms().transforms, *training_steps(roi_size, et_label).transforms])
+
+
 def val_transforms(et_label: int = ET_LABEL_BRATS2017) -> Compose:
-    """Whole volume, no crop: sliding-window inference pads each window to a SegResNet-compatible size."""
-    return Compose(load_transforms(et_label) + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
+    """The whole validation chain from file paths, without any cache."""
+    return Compose([*preprocessing_transforms().transforms, *validation_steps(et_label).transforms])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,17 +209,51 @@ def resolve_entries(entries: list[dict], base_dir: str | Path) -> list[dict]:
     return [{**e, "image": [str(base / p) for p in e["image"]], "label": str(base / e["label"])} for e in entries]
 
 
-def make_dataset(entries: list[dict], transform: Compose, cache_rate: float = 0.0, num_workers: int = 0) -> Dataset:
-    """CacheDataset keeps ``cache_rate`` of the cases' deterministic part in memory; plain Dataset when 0."""
-    if cache_rate > 0:
-        return CacheDataset(
-            entries, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
-        )
-    return Dataset(entries, transform=transform)
+class CaseDataset(Dataset):
+    """Datalist entries as network-ready cases: preprocessing (from the disk cache when one is given, or kept in
+    memory for the first memory_fraction of the cases), then ``steps`` (random crops and augmentation, or the
+    validation normalisation) on every access."""
+
+    def __init__(
+        self, entries: list[dict], steps: Compose, cache: CaseCache | None = None, memory_fraction: float = 0.0
+    ):
+        super().__init__(entries, transform=steps)
+        self.preprocess = preprocessing_transforms()  # its instances are the ones an inverse must use
+        self.cache = cache
+        self.in_memory = {i: None for i in range(math.ceil(memory_fraction * len(entries)))}
+
+    def preprocessed(self, index: int) -> dict:
+        if self.in_memory.get(index) is not None:
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.in_memory[index].items()}
+        entry = dict(self.data[index])
+        item = self.cache.get_or_build(entry, self.preprocess) if self.cache is not None else self.preprocess(entry)
+        if index in self.in_memory:
+            self.in_memory[index] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+        return item
+
+    def _transform(self, index: int):
+        return self.transform(self.preprocessed(index))
 
 
-def make_loader(dataset: Dataset, shuffle: bool, num_workers: int = 0, batch_size: int = 1) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
+def make_dataset(
+    entries: list[dict], steps: Compose, cache: CaseCache | None = None, memory_fraction: float = 0.0
+) -> CaseDataset:
+    return CaseDataset(entries, steps, cache, memory_fraction)
+
+
+def make_loader(
+    dataset: Dataset, shuffle: bool, num_workers: int = 0, batch_size: int = 1, pin_memory: bool = False
+) -> DataLoader:
+    """Workers overlap loading with compute; pinned memory speeds the copy to a GPU. Workers live as long as the
+    loader (persistent), so the rounds do not start them again."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the job, or the check, ran and failed
 EXIT_BAD_INPUT = 2
 
+VALIDATION_MODES = ("one_site", "every_site")
+CACHE_FOLDER = "preprocessed"  # default disk cache: <workspace>/preprocessed, shared by every job and the evaluation
 SPATIAL_MULTIPLE = 8  # SegResNet downsamples 3 times: every spatial size must be divisible by 8
 
 
@@ -64,7 +66,12 @@ class TrainingSettings:
     init_filters: int = 16
     amp: bool = True  # mixed precision on CUDA (job.py: --no_amp turns it off)
     seed: int = 0
-    cache_dataset: float = 0.0
+    cache_dataset: float = 0.0  # fraction of each site's preprocessed cases also kept in memory
+    cache_dir: str | None = None  # the disk cache of preprocessed cases (brats_fl/cache.py); None: no cache
+    # validation of the received global model: at one site (it is the same model on the same shared cases at every
+    # site in the paper's setting), or at every site, as the paper's workflow repeats it
+    validate_at: str = "one_site"
+    validating_site: str = "site-1"
     # data: paths on the machine that runs the sites
     dataset_base_dir: str | None = None
     datalist_json_path: str | None = None
@@ -113,6 +120,8 @@ class TrainingSettings:
                 yield problem
         if self.num_workers < 0:
             yield f"--num_workers {self.num_workers}: need >= 0"
+        if self.validate_at not in VALIDATION_MODES:
+            yield f"validate_at {self.validate_at}: need one of {', '.join(VALIDATION_MODES)}"
         if self.dp_mechanism not in (None, *MECHANISMS):
             yield f"--dp_mechanism {self.dp_mechanism}: need one of {', '.join(MECHANISMS)}"
         if self.dp_mechanism == "svt":

@@ -37,8 +37,10 @@ import torch
 
 import brats_fl.pipeline as bp
 from brats_fl import metrics as bm
+from brats_fl.cache import CaseCache
 from brats_fl.job_results import JobPaths, best_round_of, read_round_metrics
 from brats_fl.settings import (
+    CACHE_FOLDER,
     DEFAULT_WORKSPACE,
     EXIT_BAD_INPUT,
     PAPER_JOB_NAMES,
@@ -99,6 +101,7 @@ class ModelSpec:
     datalist_path: Path | None = None
     infer_roi_size: tuple[int, int, int] | None = None
     job_paths: JobPaths | None = None  # set when the model is a job's best model: its logged metrics are shown
+    cache_dir: Path | None = None  # the disk cache of preprocessed cases; None: preprocess every case afresh
 
 
 @dataclass
@@ -137,8 +140,16 @@ def job_settings(model_path: Path) -> dict:
     return {
         k: v
         for k, v in vars(settings).items()
-        if k in ("dataset_base_dir", "datalist_json_path", "infer_roi_size") and v is not None
+        if k in ("dataset_base_dir", "datalist_json_path", "infer_roi_size", "cache_dir") and v is not None
     }
+
+
+def cache_dir_for(spec: ModelSpec, workspace: Path, cache_dir: str | None, no_cache: bool) -> Path | None:
+    """The disk cache of preprocessed cases: --cache_dir, else the one the job's sites filled, else
+    <workspace>/preprocessed (where job.py puts it); None with --no_cache."""
+    if no_cache:
+        return None
+    return Path(cache_dir or job_settings(spec.model_path).get("cache_dir") or workspace / CACHE_FOLDER)
 
 
 def datalist_file(path: Path) -> Path:
@@ -214,6 +225,7 @@ def build_specs(args: argparse.Namespace) -> list[ModelSpec]:
         raise EvaluationInputError(f"configuration names {duplicated} appear twice; name models as LABEL=PATH")
     for spec in specs:
         resolve_data(spec, args.dataset_base_dir, args.datalist, args.infer_roi_size)
+        spec.cache_dir = cache_dir_for(spec, workspace, args.cache_dir, args.no_cache)
     return specs
 
 
@@ -309,10 +321,10 @@ def nested_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
     return bp.labels_to_regions(bp.regions_to_labels(regions, et_label), et_label) > 0.5
 
 
-def save_label_map(prediction, label_item, val_transform, label_path: Path, et_label: int, out_path: Path) -> None:
+def save_label_map(prediction, label_item, preprocess, label_path: Path, et_label: int, out_path: Path) -> None:
     """Write a predicted TC/WT/ET tensor as a BraTS label map on the original grid, with the input's affine.
 
-    The prediction lives in the pipeline's space (RAS, 1 mm); MONAI inverts the label's own transforms
+    The prediction lives in the pipeline's space (RAS, 1 mm); MONAI inverts the label's own preprocessing
     (orientation, spacing) on it, so it lands voxel for voxel on the original scan.
     """
     import nibabel as nib
@@ -327,7 +339,7 @@ def save_label_map(prediction, label_item, val_transform, label_path: Path, et_l
             applied_operations=list(label_item.applied_operations),
         ),
     }
-    inverted = Invertd(keys="pred", transform=val_transform, orig_keys="label", nearest_interp=True)(data)["pred"]
+    inverted = Invertd(keys="pred", transform=preprocess, orig_keys="label", nearest_interp=True)(data)["pred"]
     labels = bp.regions_to_labels(np.asarray(inverted.detach().cpu()), et_label)
     original = nib.load(str(label_path))
     if labels.shape != original.shape[:3]:
@@ -358,8 +370,9 @@ def evaluate_model(
     entries = bp.resolve_entries(datalist["validation"], spec.dataset_base_dir)
     if case_ids is not None:
         entries = [e for e in entries if case_id_of(e["label"]) in case_ids]
-    transform = bp.val_transforms(et_label)
-    loader = bp.make_loader(bp.make_dataset(entries, transform), shuffle=False)
+    cache = CaseCache(spec.cache_dir) if spec.cache_dir else None
+    dataset = bp.make_dataset(entries, bp.validation_steps(et_label), cache)
+    loader = bp.make_loader(dataset, shuffle=False)
     result = ModelResult(spec)
     model.eval()
     for batch in loader:
@@ -381,7 +394,12 @@ def evaluate_model(
             if prediction_dir is not None:
                 case.prediction_file = prediction_dir / f"{case.case_id}.nii.gz"
                 save_label_map(
-                    prediction[b], label, transform, Path(label.meta["filename_or_obj"]), et_label, case.prediction_file
+                    prediction[b],
+                    label,
+                    dataset.preprocess,
+                    Path(label.meta["filename_or_obj"]),
+                    et_label,
+                    case.prediction_file,
                 )
             result.cases.append(case)
             s = case.scores
@@ -509,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sliding-window size, multiples of 8 (default: the job's, else "
         f"{' '.join(map(str, default('infer_roi_size')))})",
     )
+    run.add_argument(
+        "--cache_dir",
+        help="disk cache of preprocessed cases (default: the one the job's sites used, else "
+        f"<workspace>/{CACHE_FOLDER}); cases it lacks are added",
+    )
+    run.add_argument("--no_cache", action="store_true", help="preprocess every case afresh instead")
     run.add_argument(
         "--device",
         choices=("auto", "cuda", "cpu"),

@@ -276,6 +276,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> tuple[Path, str]:
         spec = ev.ModelSpec(args.job_name or model_path.stem, model_path)
         case_id = args.case
     ev.resolve_data(spec, args.dataset_base_dir, args.datalist, args.infer_roi_size)
+    spec.cache_dir = ev.cache_dir_for(spec, Path(args.workspace), None, no_cache=False)
     entry = find_entry(spec.datalist_path, case_id)
     case_id = ev.case_id_of(entry["label"])
     if not args.prediction:

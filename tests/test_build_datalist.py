@@ -366,7 +366,7 @@ def test_brats2023_case_end_to_end_through_the_pipeline(capsys, tmp_path):
     regions = sample["label"].numpy()
     assert regions.reshape(3, -1).sum(axis=1).tolist() == [KNOWN_VOXELS[r] for r in bp.REGIONS]
     # channel order t1ce, t1, t2, flair: the hand-made t1c/t1n/t2w/t2f files hold 100/200/300/400 everywhere
-    raw = bp.Compose(bp.load_transforms(3)[:2])(bp.resolve_entries([entry], data)[0])["image"]
+    raw = bp.Compose(bp.preprocessing_transforms().transforms[:2])(bp.resolve_entries([entry], data)[0])["image"]
     assert [float(raw[c].max()) for c in range(4)] == [100.0, 200.0, 300.0, 400.0]
     # the same files read with the 2018 convention are refused, not silently mis-labelled
     with pytest.raises(Exception) as info:

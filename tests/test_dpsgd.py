@@ -168,7 +168,7 @@ def test_poisson_loader_draws_every_case_independently():
 def test_one_dp_round_trains_segresnet_on_synthetic_cases(tiny_federation):
     data_dir, datalist_dir = tiny_federation
     datalist = bp.read_datalist(datalist_dir / "site-1.json")
-    train = bp.make_dataset(bp.resolve_entries(datalist["training"], data_dir), bp.train_transforms([32, 32, 24]))
+    train = bp.make_dataset(bp.resolve_entries(datalist["training"], data_dir), bp.training_steps([32, 32, 24]))
     torch.manual_seed(0)
     model = BratsSegResNet(init_filters=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -113,7 +113,15 @@ def test_a_job_whose_privacy_report_lacks_rounds_is_not_a_result(tmp_path):
     ledger = report.PrivacyLedger("svt", {})
     for site in ("site-1", "site-2"):
         for r in range(2):  # round 2 missing
-            ledger.add_update(site, r, "WEIGHT_DIFF", {privacy.SVT_BUDGET_META: {"epsilon_total": 1.0, "delta": 0.0}})
+            budget = {
+                "epsilon_total": 1.0,
+                "epsilon_threshold": 0.0,
+                "epsilon_query": 0.0,
+                "epsilon_release": 1.0,
+                "n_upload": 9,
+                "delta": 0.0,
+            }
+            ledger.add_update(site, r, "WEIGHT_DIFF", {privacy.SVT_BUDGET_META: budget}, n_values=10)
     fake_job(tmp_path, "sweep_svt_noise_var_1", [0.1, 0.2, 0.3], ledger)
     config = next(c for c in sweep.build_configs(args) if c.name == "sweep_svt_noise_var_1")
     with pytest.raises(ValueError, match=r"site-1 covers rounds \[0, 1\]"):

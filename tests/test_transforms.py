@@ -35,7 +35,7 @@ def hand_made_case(tmp_path):
 
 
 def test_channels_in_t1ce_t1_t2_flair_order_and_ras(hand_made_case):
-    out = Compose(bp.load_transforms())(hand_made_case)
+    out = Compose([bp.preprocessing_transforms(), bp.ConvertToBratsRegionsd(keys="label")])(hand_made_case)
     image, label = out["image"], out["label"]
     assert tuple(image.shape) == (4, *SHAPE) and tuple(label.shape) == (3, *SHAPE)
     for channel in range(4):
