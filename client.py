@@ -1,8 +1,9 @@
 """One federated site: MONAI training of BratsSegResNet on the NVFlare Client API.
 
-Every round: receive the global model, validate it on the validation cases, train ``aggregation_epochs`` local
-epochs, and send the weights back (the Client API turns them into a weight difference, as job.py asks) with the
-validation Dice and the number of local steps, which FedAvg uses as the aggregation weight.
+Every round: receive the global model, validate it, train ``aggregation_epochs`` local epochs, and send the weights
+back (the Client API turns them into a weight difference, as job.py asks) with the validation Dice and the number of
+local steps, which FedAvg uses as the aggregation weight. One site validates for all (by default), scoring a snapshot
+of the received model in a background thread while it trains, so its validation does not lengthen the round.
 
 Its settings come from ``brats_settings.json``, which job.py ships next to this file (brats_fl/settings.py defines
 them). The imaging pipeline (transforms, loss, Dice, sliding-window inference) is brats_fl/pipeline.py, shared with
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,46 +37,34 @@ from model import BratsSegResNet
 LOCAL_EVENTS_DIR = "local_tb_events"  # with DP: the site's training statistics, kept in the site's job folder
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Setting up the site
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Site:
+    """Everything one site trains and validates with, built once and kept for all rounds."""
+
+    name: str
+    settings: TrainingSettings
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None  # None at a site that does not validate
+    loss_fn: torch.nn.Module
+    scaler: torch.amp.GradScaler
+    fedprox: torch.nn.Module | None
+    dpsgd_plan: dpsgd.DPSGDPlan | None
+
+
+def site_seed(settings: TrainingSettings, site_name: str) -> int:
+    return settings.seed + sum(site_name.encode())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def site_datalist_path(settings: TrainingSettings, site_name: str) -> Path:
-    name = "site-All" if settings.centralised else site_name
-    return Path(settings.datalist_json_path) / f"{name}.json"
-
-
-def build_datasets(settings: TrainingSettings, datalist_path: Path, validates: bool):
-    """The site's training cases, and its validation cases if it validates; preprocessed cases come from the disk
-    cache shared by every site and round on this machine when the settings name one."""
-    datalist = bp.read_datalist(datalist_path)
-    et_label = bp.datalist_et_label(datalist)
-    cache = CaseCache(settings.cache_dir) if settings.cache_dir else None
-
-    def dataset(part: str, steps):
-        entries = bp.resolve_entries(datalist[part], settings.dataset_base_dir)
-        return bp.make_dataset(entries, steps, cache, settings.cache_dataset)
-
-    train_ds = dataset("training", bp.training_steps(settings.roi_size, et_label))
-    val_ds = dataset("validation", bp.validation_steps(et_label)) if validates else None
-    return train_ds, val_ds
-
-
-def validates_here(settings: TrainingSettings, site_name: str) -> bool:
-    """Every site validates the same global model each round; on the same shared cases that is the same figure N
-    times, so by default one site does it and the others send no Dice (FedAvg then averages over that site alone)."""
-    return settings.validate_at == "every_site" or site_name == settings.validating_site
-
-
-def validate(model, val_loader, device, settings: TrainingSettings, use_amp: bool) -> dict[str, float]:
-    """Dice of the received global model on the site's validation cases; {} at a site that does not validate (an
-    empty dict, not None: NVFlare's FedAvg then leaves the site out of the round's mean instead of dropping it)."""
-    if val_loader is None:
-        return {}
-    metrics = bp.evaluate_dice(model, val_loader, device, settings.infer_roi_size, use_amp=use_amp)
-    return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 def keep_dp_noise_secret() -> None:
@@ -82,7 +74,69 @@ def keep_dp_noise_secret() -> None:
     np.random.seed(None)
 
 
-def setup_dpsgd(settings: TrainingSettings, site_name: str, train_ds, optimizer, device):
+def validates_here(settings: TrainingSettings, site_name: str) -> bool:
+    """Every site would validate the same global model on the same shared cases, the same figure N times; by default
+    one site does it and the others send no Dice (FedAvg then averages over that site alone)."""
+    return settings.validate_at == "every_site" or site_name == settings.validating_site
+
+
+def set_cpu_threads(settings: TrainingSettings, site_name: str) -> None:
+    """The site's share of the machine's cores; the site that validates for all gets every core: it is the round's
+    critical path, and runs on alone once the other sites have sent their updates."""
+    if settings.validate_at == "one_site" and site_name == settings.validating_site:
+        torch.set_num_threads(os.cpu_count() or 1)
+    elif settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+
+
+def build_loaders(settings: TrainingSettings, site_name: str, device: torch.device):
+    """The site's training cases, and its validation cases if it validates; preprocessed cases come from the disk
+    cache shared by every site and round on this machine when the settings name one. Each loader draws from its own
+    generator, so whether this site validates changes nothing in its training."""
+    name = "site-All" if settings.centralised else site_name
+    datalist = bp.read_datalist(Path(settings.datalist_json_path) / f"{name}.json")
+    et_label = bp.datalist_et_label(datalist)
+    cache = CaseCache(settings.cache_dir) if settings.cache_dir else None
+    options = {"num_workers": settings.num_workers, "pin_memory": device.type == "cuda"}
+
+    def loader(part: str, steps, shuffle: bool):
+        entries = bp.resolve_entries(datalist[part], settings.dataset_base_dir)
+        dataset = bp.make_dataset(entries, steps, cache, settings.cache_dataset, et_label)
+        generator = torch.Generator().manual_seed(site_seed(settings, site_name))
+        return bp.make_loader(dataset, shuffle=shuffle, generator=generator, **options)
+
+    train_loader = loader("training", bp.training_steps(settings.roi_size, et_label), shuffle=True)
+    val_loader = (
+        loader("validation", bp.validation_steps(et_label), False) if validates_here(settings, site_name) else None
+    )
+    return train_loader, val_loader
+
+
+def set_up_site(settings: TrainingSettings, site_name: str) -> Site:
+    set_cpu_threads(settings, site_name)
+    seed_everything(site_seed(settings, site_name))
+    if settings.dp_mechanism:
+        keep_dp_noise_secret()
+    device = bp.select_device()
+    use_amp = device.type == "cuda" and settings.amp and settings.dp_mechanism != "dpsgd"  # DP-SGD: full precision
+    train_loader, val_loader = build_loaders(settings, site_name, device)
+    model = BratsSegResNet(init_filters=settings.init_filters).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
+    plan = None
+    if settings.dp_mechanism == "dpsgd":
+        plan, train_loader, optimizer = set_up_dpsgd(settings, site_name, train_loader.dataset, optimizer, device)
+    fedprox = None
+    if settings.fedproxloss_mu > 0:
+        from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+        fedprox = PTFedProxLoss(mu=settings.fedproxloss_mu)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    return Site(
+        site_name, settings, device, model, optimizer, train_loader, val_loader, bp.make_loss(), scaler, fedprox, plan
+    )
+
+
+def set_up_dpsgd(settings: TrainingSettings, site_name: str, train_ds, optimizer, device):
     """The same calibration job.py made before the run, a Poisson-sampling loader and the clipping/noising optimizer
     (sampling and noise from secret generators)."""
     plan = dpsgd.plan_dpsgd(
@@ -105,34 +159,68 @@ def setup_dpsgd(settings: TrainingSettings, site_name: str, train_ds, optimizer,
     return plan, loader, dp_optimizer
 
 
-def train_one_round(
-    model, global_model, loader, optimizer, loss_fn, fedprox, epochs, device, scaler
-) -> tuple[int, float]:
-    """Local training; returns (number of optimiser steps, mean loss)."""
-    model.train()
-    steps, loss_sum = 0, 0.0
-    for _ in range(epochs):
-        for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
-                loss = loss_fn(model(image), label)
-                if fedprox is not None:
-                    loss = loss + fedprox(model, global_model)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
-            loss_sum += float(loss.detach())
-    return steps, loss_sum / max(steps, 1)
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# One round: validate the received model, train, report
+# ---------------------------------------------------------------------------------------------------------------
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A gradient-free snapshot of the received global model."""
     snapshot = copy.deepcopy(model).eval()
     for p in snapshot.parameters():
         p.requires_grad_(False)
     return snapshot
+
+
+def validate(site: Site, global_model: torch.nn.Module) -> dict[str, float]:
+    """Dice of the received global model on the site's validation cases; {} at a site that does not validate (an
+    empty dict, not None: NVFlare's FedAvg then leaves the site out of the round's mean instead of dropping it)."""
+    if site.val_loader is None:
+        return {}
+    metrics = bp.evaluate_dice(
+        global_model, site.val_loader, site.device, site.settings.infer_roi_size, use_amp=site.scaler.is_enabled()
+    )
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def start_validation(site: Site, global_model: torch.nn.Module, background: ThreadPoolExecutor) -> Future:
+    """The site that validates for all does it in a background thread while it trains (its validation would
+    otherwise lengthen every round); with --validate_every_site each site validates first, then trains, exactly as
+    the paper's workflow does."""
+    if site.settings.validate_at == "one_site":
+        return background.submit(validate, site, global_model)
+    done: Future = Future()
+    done.set_result(validate(site, global_model))
+    return done
+
+
+def train_one_round(site: Site, global_model: torch.nn.Module) -> tuple[int, float]:
+    """Local training; returns (number of optimiser steps, mean loss)."""
+    if site.dpsgd_plan is not None:
+        return dpsgd.train_one_round(
+            site.model,
+            global_model,
+            site.train_loader,
+            site.optimizer,
+            site.loss_fn,
+            site.fedprox,
+            site.settings.aggregation_epochs,
+            site.device,
+        )
+    site.model.train()
+    steps, loss_sum = 0, 0.0
+    for _ in range(site.settings.aggregation_epochs):
+        for batch in site.train_loader:
+            image, label = batch["image"].to(site.device), batch["label"].to(site.device)
+            site.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=site.device.type, enabled=site.scaler.is_enabled()):
+                loss = site.loss_fn(site.model(image), label)
+                if site.fedprox is not None:
+                    loss = loss + site.fedprox(site.model, global_model)  # pulls towards the received model
+            site.scaler.scale(loss).backward()
+            site.scaler.step(site.optimizer)
+            site.scaler.update()
+            steps += 1
+            loss_sum += float(loss.detach())
+    return steps, loss_sum / max(steps, 1)
 
 
 def training_statistics_writer(settings: TrainingSettings, to_server: SummaryWriter):
@@ -157,84 +245,38 @@ def log_round(to_server, training_writer, round_num: int, metrics: dict[str, flo
 
 def main() -> None:
     settings = TrainingSettings.read(Path(__file__).with_name(SETTINGS_FILE))
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
-
     flare.init()
-    site_name = flare.get_site_name()
-    seed_everything(settings.seed + sum(site_name.encode()))
-    device = bp.select_device()
-    use_amp = device.type == "cuda" and settings.amp
-
-    if settings.dp_mechanism:
-        keep_dp_noise_secret()
-
-    train_ds, val_ds = build_datasets(
-        settings, site_datalist_path(settings, site_name), validates_here(settings, site_name)
-    )
-    loader_options = {"num_workers": settings.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = bp.make_loader(train_ds, shuffle=True, **loader_options)
-    val_loader = bp.make_loader(val_ds, shuffle=False, **loader_options) if val_ds is not None else None
-    model = BratsSegResNet(init_filters=settings.init_filters).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
-    plan = None
-    if settings.dp_mechanism == "dpsgd":
-        plan, train_loader, optimizer = setup_dpsgd(settings, site_name, train_ds, optimizer, device)
-        use_amp = False  # per-case gradients are taken in full precision
-    loss_fn = bp.make_loss()
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    fedprox = None
-    if settings.fedproxloss_mu > 0:
-        from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
-
-        fedprox = PTFedProxLoss(mu=settings.fedproxloss_mu)
+    site = set_up_site(settings, flare.get_site_name())
     to_server = SummaryWriter()  # NVFlare's tracking writer: events stream to the server's tb_events/<site>
     training_writer = training_statistics_writer(settings, to_server)
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validation")
 
     while flare.is_running():
         input_model = flare.receive()
         if input_model is None:
             break
         round_num = input_model.current_round
-        model.load_state_dict(input_model.params)
-        metrics = validate(model, val_loader, device, settings, use_amp)
-        global_model = frozen_copy(model) if fedprox is not None else None  # FedProx pulls towards it
+        site.model.load_state_dict(input_model.params)
+        global_model = frozen_copy(site.model)  # what is validated, and what FedProx pulls towards
+        validation = start_validation(site, global_model, background)
 
         started = time.perf_counter()
-        meta = {}
-        if plan is None:
-            steps, train_loss = train_one_round(
-                model,
-                global_model,
-                train_loader,
-                optimizer,
-                loss_fn,
-                fedprox,
-                settings.aggregation_epochs,
-                device,
-                scaler,
-            )
-        else:
-            steps, train_loss = dpsgd.train_one_round(
-                model, global_model, train_loader, optimizer, loss_fn, fedprox, settings.aggregation_epochs, device
-            )
-            meta[DPSGD_META] = dpsgd.dpsgd_round_record(plan, round_num)
+        steps, train_loss = train_one_round(site, global_model)
+        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps}
+        if site.dpsgd_plan is not None:
+            meta[DPSGD_META] = dpsgd.dpsgd_round_record(site.dpsgd_plan, round_num)
+        metrics = validation.result()
+
         log_round(to_server, training_writer, round_num, metrics, train_loss, steps)
-        privacy_note = f", epsilon {meta[DPSGD_META]['epsilon']:.4g} spent" if plan else ""
         dice = f"global model val_dice {metrics['val_dice']:.4f}, " if "val_dice" in metrics else ""
+        privacy = f", epsilon {meta[DPSGD_META]['epsilon']:.4g} spent" if DPSGD_META in meta else ""
         print(
-            f"[{site_name}] round {round_num}: {dice}{steps} local steps in {time.perf_counter() - started:.1f} s, "
-            f"train loss {train_loss:.4f}{privacy_note}",
+            f"[{site.name}] round {round_num}: {dice}{steps} local steps in {time.perf_counter() - started:.1f} s, "
+            f"train loss {train_loss:.4f}{privacy}",
             flush=True,
         )
-
-        flare.send(
-            flare.FLModel(
-                params={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                metrics=metrics,
-                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps, **meta},
-            )
-        )
+        params = {k: v.detach().cpu() for k, v in site.model.state_dict().items()}
+        flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 
 if __name__ == "__main__":

@@ -293,6 +293,16 @@ def validation_is_shared(datalist_dir: Path, n_clients: int) -> bool:
     return all(v == lists[0] for v in lists)
 
 
+def lightest_site(datalist_dir: Path, n_clients: int) -> str:
+    """The site with the fewest training cases (the first of them on a tie): validating for all adds the most to
+    the round of the site that finishes its training first."""
+    from brats_fl.pipeline import read_datalist
+    from dataset_brats18.datalist import site_datalist_names
+
+    sizes = [len(read_datalist(datalist_dir / f"{name}.json")["training"]) for name in site_datalist_names(n_clients)]
+    return f"site-{sizes.index(min(sizes)) + 1}"
+
+
 def plan_dpsgd_sites(settings: TrainingSettings, n_clients: int) -> dict:
     """Calibrate each site's DP-SGD noise now, so a target the accountant cannot reach stops the job before it runs.
 
@@ -343,6 +353,8 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
     if settings.validate_at == "one_site" and not validation_is_shared(datalist_dir, args.n_clients):
         settings.validate_at = "every_site"
         print("The sites' datalists list different validation cases: every site validates on its own.", flush=True)
+    if settings.validate_at == "one_site":
+        settings.validating_site = lightest_site(datalist_dir, args.n_clients)
     plans = plan_dpsgd_sites(settings, args.n_clients) if settings.dp_mechanism == "dpsgd" else {}
     return JobInputs(args, settings, demo, plans)
 

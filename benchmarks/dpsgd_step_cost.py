@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=3,
         default=[48, 48, 32],
         metavar=("X", "Y", "Z"),
-        help="training crop, multiples of 8 (default: the demo's 48 48 32)",
+        help="training crop, multiples of 8 (default: 48 48 32)",
     )
     p.add_argument(
         "--batch_sizes",

@@ -49,23 +49,25 @@ class CaseCache:
         self.hits = self.misses = self.rebuilt = 0
 
     # -- keys ------------------------------------------------------------------------------------------------------
-    def key(self, entry: dict) -> str:
-        """Hash of the preprocessing and of every source file's absolute path, size and modification time."""
+    def key(self, entry: dict, variant: str = "") -> str:
+        """Hash of the preprocessing (its version and variant, e.g. the label convention it checked) and of every
+        source file's absolute path, size and modification time."""
         files = [*entry["image"], entry["label"]]
         stats = []
         for name in files:
             st = os.stat(name)
             stats.append([str(Path(name).resolve()), st.st_size, st.st_mtime_ns])
-        blob = json.dumps({"preprocessing": PREPROCESSING_VERSION, "files": stats}, sort_keys=True)
+        blob = json.dumps({"preprocessing": [PREPROCESSING_VERSION, variant], "files": stats}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def path_of(self, key: str) -> Path:
         return self.cache_dir / f"{key}{ENTRY_SUFFIX}"
 
     # -- reading and writing ---------------------------------------------------------------------------------------
-    def get_or_build(self, entry: dict, build: Callable[[dict], dict]) -> dict:
-        """The preprocessed case: from the cache when a valid entry exists, else built, stored and returned."""
-        path = self.path_of(self.key(entry))
+    def get_or_build(self, entry: dict, build: Callable[[dict], dict], variant: str = "") -> dict:
+        """The preprocessed case: from the cache when a valid entry exists, else built, stored and returned. A cached
+        case comes back in the compact types it is stored in (int16 / uint8 when they hold every value exactly)."""
+        path = self.path_of(self.key(entry, variant))
         if path.is_file():
             item = self._load(path)
             if item is not None:
@@ -78,16 +80,16 @@ class CaseCache:
         return item
 
     def _load(self, path: Path) -> dict | None:
-        """The entry's arrays as float32 MetaTensors, or None (with a warning) if it is damaged."""
+        """The entry's arrays (MetaTensors in their stored types), or None (with a warning) if it is damaged."""
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=False)  # our own file: MetaTensor pickles
+            stored = torch.load(path, map_location="cpu", weights_only=False)  # our own files: MetaTensor pickles
             arrays = {k: stored[k] for k in ("image", "label")}
             if stored["checksum"] != checksum(arrays):
                 raise ValueError("checksum mismatch")
         except Exception as e:  # truncated zip, unpickling error, missing key, wrong checksum: rebuild
             warnings.warn(f"cache entry {path} is damaged ({type(e).__name__}: {e}); rebuilding it", stacklevel=2)
             return None
-        return {**stored["rest"], **{k: portable_trace(expand(v)) for k, v in arrays.items()}}
+        return {**stored["rest"], **{k: portable_trace(v) for k, v in arrays.items()}}
 
     def _store(self, path: Path, item: dict) -> None:
         arrays = {k: compact(item[k]) for k in ("image", "label")}
@@ -141,11 +143,6 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
         ):
             return small
     return tensor
-
-
-def expand(tensor: torch.Tensor) -> torch.Tensor:
-    """Back to float32, the type the rest of the pipeline works in."""
-    return tensor.to(torch.float32) if tensor.dtype in _COMPACT_TYPES else tensor
 
 
 def portable_trace(tensor: torch.Tensor) -> torch.Tensor:

@@ -70,18 +70,7 @@ def labels_to_regions(
         if label.shape[0] != 1:
             raise ValueError(f"expected a single-channel label map, got shape {tuple(label.shape)}")
         label = label[0]
-    # one comparison per label value instead of sorting the volume: this runs on every load of every case
-    is_value = {v: label == v for v in (0, NECROSIS_LABEL, EDEMA_LABEL, et_label)}
-    known = is_value[0] | is_value[NECROSIS_LABEL] | is_value[EDEMA_LABEL] | is_value[et_label]
-    if not bool(known.all()):
-        values = (torch.unique(label[~known]) if is_tensor else np.unique(label[~known])).tolist()
-        allowed = sorted(is_value)
-        unexpected = sorted(int(v) if float(v).is_integer() else v for v in values)
-        raise ValueError(
-            f"label values {unexpected} are not in the expected set {allowed} (et_label={et_label}); "
-            'check the dataset\'s label convention (BraTS 2023+ uses 3 for enhancing tumour: set "et_label": 3 '
-            "in the datalist)"
-        )
+    is_value = label_value_masks(label, et_label)
     channels = []
     for labels in region_label_sets(et_label).values():
         mask = is_value[labels[0]]
@@ -89,6 +78,22 @@ def labels_to_regions(
             mask = mask | is_value[v]
         channels.append(mask)
     return torch.stack(channels).float() if is_tensor else np.stack(channels).astype(np.float32)
+
+
+def label_value_masks(label: np.ndarray | torch.Tensor, et_label: int) -> dict:
+    """{value: mask} for the values a BraTS label map may hold; ValueError naming any other value. One comparison per
+    value instead of sorting the volume: this runs on whole volumes."""
+    is_value = {v: label == v for v in (0, NECROSIS_LABEL, EDEMA_LABEL, et_label)}
+    known = is_value[0] | is_value[NECROSIS_LABEL] | is_value[EDEMA_LABEL] | is_value[et_label]
+    if not bool(known.all()):
+        values = (torch.unique(label[~known]) if isinstance(label, torch.Tensor) else np.unique(label[~known])).tolist()
+        unexpected = sorted(int(v) if float(v).is_integer() else v for v in values)
+        raise ValueError(
+            f"label values {unexpected} are not in the expected set {sorted(is_value)} (et_label={et_label}); "
+            'check the dataset\'s label convention (BraTS 2023+ uses 3 for enhancing tumour: set "et_label": 3 '
+            "in the datalist)"
+        )
+    return is_value
 
 
 def regions_to_labels(regions: np.ndarray, et_label: int = ET_LABEL_BRATS2017) -> np.ndarray:
@@ -102,6 +107,25 @@ def regions_to_labels(regions: np.ndarray, et_label: int = ET_LABEL_BRATS2017) -
     label[tc] = NECROSIS_LABEL
     label[et] = et_label
     return label
+
+
+class CheckBratsLabelsd(MapTransform):
+    """Refuse a label map with values outside {0, 1, 2, et_label}, naming the file; the data pass unchanged. Part of
+    preprocessing, so every case is checked whole, even where training only looks at a crop of it."""
+
+    def __init__(self, keys: str | Sequence[str], et_label: int = ET_LABEL_BRATS2017) -> None:
+        super().__init__(keys)
+        region_label_sets(et_label)  # validates et_label early
+        self.et_label = et_label
+
+    def __call__(self, data):
+        for key in self.key_iterator(data):
+            try:
+                label_value_masks(data[key], self.et_label)
+            except ValueError as e:
+                source = getattr(data[key], "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"{source}: {e}") from None
+        return data
 
 
 class ConvertToBratsRegionsd(MapTransform):
@@ -136,9 +160,10 @@ def _with_same_meta(original, new: torch.Tensor | np.ndarray):
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------------------------------------------
-def preprocessing_transforms() -> Compose:
-    """The deterministic part of loading a case, which the disk cache stores: the 4 modalities as float32 channels
-    and the label map, in RAS orientation at 1 mm (MONAI leaves a volume already at 1 mm as it is)."""
+def preprocessing_transforms(et_label: int = ET_LABEL_BRATS2017) -> Compose:
+    """The deterministic part of loading a case, which the disk cache stores: the 4 modalities as channels and the
+    label map, in RAS orientation at 1 mm (MONAI leaves a volume already at 1 mm as it is), label values checked.
+    The steps after it work on float32 (the cache hands back the files' own compact types: the same numbers)."""
     return Compose(
         [
             LoadImaged(keys=["image", "label"], image_only=True),
@@ -146,18 +171,21 @@ def preprocessing_transforms() -> Compose:
             EnsureTyped(keys=["image", "label"], dtype=torch.float32),
             Orientationd(keys=["image", "label"], axcodes="RAS"),
             Spacingd(keys=["image", "label"], pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
+            CheckBratsLabelsd(keys="label", et_label=et_label),
         ]
     )
 
 
 def training_steps(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:
-    """After preprocessing, for training: TC/WT/ET channels, a random roi_size crop (padded first if the volume is
-    smaller), flips, intensity normalisation and augmentation."""
+    """After preprocessing, for training: a random roi_size crop (padded first if the volume is smaller), taken before
+    anything else so that only the crop is converted, then TC/WT/ET channels, flips, intensity normalisation and
+    augmentation."""
     return Compose(
         [
-            ConvertToBratsRegionsd(keys="label", et_label=et_label),
             SpatialPadd(keys=["image", "label"], spatial_size=list(roi_size)),
             RandSpatialCropd(keys=["image", "label"], roi_size=list(roi_size), random_size=False),
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32),
+            ConvertToBratsRegionsd(keys="label", et_label=et_label),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
@@ -173,6 +201,7 @@ def validation_steps(et_label: int = ET_LABEL_BRATS2017) -> Compose:
     sliding-window inference pads each window to a SegResNet-compatible size)."""
     return Compose(
         [
+            EnsureTyped(keys=["image", "label"], dtype=torch.float32),
             ConvertToBratsRegionsd(keys="label", et_label=et_label),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         ]
@@ -181,12 +210,12 @@ def validation_steps(et_label: int = ET_LABEL_BRATS2017) -> Compose:
 
 def train_transforms(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:
     """The whole training chain from file paths, without any cache."""
-    return Compose([*preprocessing_transforms().transforms, *training_steps(roi_size, et_label).transforms])
+    return Compose([*preprocessing_transforms(et_label).transforms, *training_steps(roi_size, et_label).transforms])
 
 
 def val_transforms(et_label: int = ET_LABEL_BRATS2017) -> Compose:
     """The whole validation chain from file paths, without any cache."""
-    return Compose([*preprocessing_transforms().transforms, *validation_steps(et_label).transforms])
+    return Compose([*preprocessing_transforms(et_label).transforms, *validation_steps(et_label).transforms])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,10 +244,16 @@ class CaseDataset(Dataset):
     validation normalisation) on every access."""
 
     def __init__(
-        self, entries: list[dict], steps: Compose, cache: CaseCache | None = None, memory_fraction: float = 0.0
+        self,
+        entries: list[dict],
+        steps: Compose,
+        cache: CaseCache | None = None,
+        memory_fraction: float = 0.0,
+        et_label: int = ET_LABEL_BRATS2017,
     ):
         super().__init__(entries, transform=steps)
-        self.preprocess = preprocessing_transforms()  # its instances are the ones an inverse must use
+        self.preprocess = preprocessing_transforms(et_label)  # its instances are the ones an inverse must use
+        self.variant = f"et_label={et_label}"  # what the cached entry was checked against
         self.cache = cache
         self.in_memory = {i: None for i in range(math.ceil(memory_fraction * len(entries)))}
 
@@ -226,7 +261,10 @@ class CaseDataset(Dataset):
         if self.in_memory.get(index) is not None:
             return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.in_memory[index].items()}
         entry = dict(self.data[index])
-        item = self.cache.get_or_build(entry, self.preprocess) if self.cache is not None else self.preprocess(entry)
+        if self.cache is not None:
+            item = self.cache.get_or_build(entry, self.preprocess, self.variant)
+        else:
+            item = self.preprocess(entry)
         if index in self.in_memory:
             self.in_memory[index] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
         return item
@@ -236,16 +274,26 @@ class CaseDataset(Dataset):
 
 
 def make_dataset(
-    entries: list[dict], steps: Compose, cache: CaseCache | None = None, memory_fraction: float = 0.0
+    entries: list[dict],
+    steps: Compose,
+    cache: CaseCache | None = None,
+    memory_fraction: float = 0.0,
+    et_label: int = ET_LABEL_BRATS2017,
 ) -> CaseDataset:
-    return CaseDataset(entries, steps, cache, memory_fraction)
+    return CaseDataset(entries, steps, cache, memory_fraction, et_label)
 
 
 def make_loader(
-    dataset: Dataset, shuffle: bool, num_workers: int = 0, batch_size: int = 1, pin_memory: bool = False
+    dataset: Dataset,
+    shuffle: bool,
+    num_workers: int = 0,
+    batch_size: int = 1,
+    pin_memory: bool = False,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
     """Workers overlap loading with compute; pinned memory speeds the copy to a GPU. Workers live as long as the
-    loader (persistent), so the rounds do not start them again."""
+    loader (persistent), so the rounds do not start them again. With a generator, the loader's order and its
+    transforms' seeds come from it instead of torch's global generator."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -253,6 +301,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        generator=generator,
     )
 
 

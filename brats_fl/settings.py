@@ -157,12 +157,14 @@ class TrainingSettings:
             raise SettingsError(f"settings file {path}: {e}") from None
 
 
-# The built-in demo (synthetic data, no --dataset_base_dir): small volumes, few rounds, a faster learning rate.
+# The built-in demo (synthetic data, no --dataset_base_dir): small volumes, a SegResNet of width 8 on 32x32x32 crops
+# (the fastest step on a CPU), few rounds at a faster learning rate; about 2 minutes on 2 cores.
 DEMO_OVERRIDES: dict[str, Any] = {
-    "num_rounds": 10,
-    "learning_rate": 2e-3,
-    "roi_size": (48, 48, 32),
+    "num_rounds": 12,
+    "learning_rate": 3e-3,
+    "roi_size": (32, 32, 32),
     "infer_roi_size": (64, 64, 48),
+    "init_filters": 8,
 }
 DEMO_SHAPE = (64, 64, 48)  # voxels of each synthetic case
 DEMO_TRAIN_CASES = 32  # dealt round-robin to the sites

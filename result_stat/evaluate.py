@@ -371,7 +371,7 @@ def evaluate_model(
     if case_ids is not None:
         entries = [e for e in entries if case_id_of(e["label"]) in case_ids]
     cache = CaseCache(spec.cache_dir) if spec.cache_dir else None
-    dataset = bp.make_dataset(entries, bp.validation_steps(et_label), cache)
+    dataset = bp.make_dataset(entries, bp.validation_steps(et_label), cache, et_label=et_label)
     loader = bp.make_loader(dataset, shuffle=False)
     result = ModelResult(spec)
     model.eval()

@@ -181,7 +181,8 @@ def test_saved_best_model_reproduces_the_logged_best_val_dice(tiny_job):
     # the same figure through the pipeline's own evaluate_dice (what the clients ran)
     datalist = bp.read_datalist(spec.datalist_path)
     entries = bp.resolve_entries(datalist["validation"], spec.dataset_base_dir)
-    dataset = bp.make_dataset(entries, bp.validation_steps(bp.datalist_et_label(datalist)))
+    et_label = bp.datalist_et_label(datalist)
+    dataset = bp.make_dataset(entries, bp.validation_steps(et_label), et_label=et_label)
     loader = bp.make_loader(dataset, shuffle=False)
     assert bp.evaluate_dice(model, loader, torch.device("cpu"), spec.infer_roi_size)["val_dice"] == pytest.approx(
         recomputed["val_dice"], abs=1e-9

@@ -198,7 +198,7 @@ def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_flags():
         return job.settings_from_flags(args, demo)
 
     demo = settings("--num_rounds", "3", demo=True)
-    assert demo.num_rounds == 3 and demo.roi_size == DEMO_OVERRIDES["roi_size"] and demo.learning_rate == 2e-3
+    assert demo.num_rounds == 3 and demo.roi_size == DEMO_OVERRIDES["roi_size"] and demo.learning_rate == 3e-3
     real = settings("--dataset_base_dir", "/data", demo=False)
     assert real.num_rounds == 600 and real.roi_size == (224, 224, 144) and real.learning_rate == 1e-4
     assert not real.centralised and real.amp and real.dp_mechanism is None

@@ -30,15 +30,16 @@ def test_paper_defaults_and_demo_overrides():
         16,
     )
     demo = st.demo_settings()
-    assert (demo.num_rounds, demo.learning_rate, demo.roi_size, demo.infer_roi_size) == (
-        10,
-        2e-3,
-        (48, 48, 32),
+    assert (demo.num_rounds, demo.learning_rate, demo.roi_size, demo.infer_roi_size, demo.init_filters) == (
+        12,
+        3e-3,
+        (32, 32, 32),
         (64, 64, 48),
+        8,
     )
-    assert st.default("roi_size", demo=True) == (48, 48, 32) and st.default("roi_size") == (224, 224, 144)
-    assert st.describe_default("num_rounds") == "(default: 600; demo: 10)"
-    assert st.describe_default("init_filters") == "(default: 16)"
+    assert st.default("roi_size", demo=True) == (32, 32, 32) and st.default("roi_size") == (224, 224, 144)
+    assert st.describe_default("num_rounds") == "(default: 600; demo: 12)"
+    assert st.describe_default("seed") == "(default: 0)"
 
 
 def test_json_round_trip_keeps_every_value(tmp_path):
