@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BEST_MODEL_FILE = "best_FL_global_model.pt"
+GLOBAL_MODEL_FILE = "FL_global_model.pt"  # NVFlare's checkpoint of the last (with early stopping: best) global model
+LAST_MODEL_FILE = "last_global_model.pt"  # the project's: the global model of the last round, and that round
+FINAL_EVALUATION_FILE = "final_evaluation.json"  # the sites' per-case scores of the best model
 REGION_METRICS = ("val_dice_tc", "val_dice_wt", "val_dice_et")
 
 
@@ -55,6 +58,24 @@ class JobPaths:
     def privacy_report(self) -> Path:
         """Written with --enable_dp: every site's spent epsilon per round (see brats_fl/privacy/report.py)."""
         return self.server_job_dir / "privacy_report.json"
+
+    @property
+    def last_global_model(self) -> Path:
+        """Written after every aggregation (brats_fl/fl_components.py): what a resumed job continues from."""
+        return self.server_job_dir / LAST_MODEL_FILE
+
+    @property
+    def final_evaluation_table(self) -> Path:
+        return self.server_job_dir / "final_evaluation.md"
+
+    @property
+    def final_evaluation_csv(self) -> Path:
+        return self.server_job_dir / "final_evaluation.csv"
+
+    @property
+    def settings_file(self) -> Path:
+        """The settings every site trained with, shipped in the job."""
+        return self.server_job_dir / "app_server" / "custom" / "brats_settings.json"
 
     @property
     def server_log(self) -> Path:

@@ -321,15 +321,27 @@ def test_a_second_svt_release_for_one_round_is_added_not_dropped():
     privacy_report.check_report(ledger.report(), ["site-1"], 2)  # every round covered, every release counted
 
 
-def test_a_second_dpsgd_release_for_one_round_makes_the_accounting_incomplete():
+def test_a_second_dpsgd_release_for_one_round_is_added_to_the_total():
     ledger = privacy_report.PrivacyLedger("dpsgd", {})
     plan = DPSGDPlan(8, 2, 1, 8.0, 0.01, 1.0, 1.0)
-    for r in (0, 0, 1):
+    for r in (0, 0, 1):  # round 0 released twice (it ran again after a resume)
         ledger.add_update("site-1", r, "WEIGHT_DIFF", {privacy.DPSGD_META: dpsgd.dpsgd_round_record(plan, r)})
     report = ledger.report()
-    assert report["sites"]["site-1"]["releases_recorded"] == 3
-    with pytest.raises(ValueError, match="site-1 sent 2 updates for round 0"):
-        privacy_report.check_report(report, ["site-1"], 2)
+    site = report["sites"]["site-1"]
+    assert site["releases_recorded"] == 3
+    three_rounds = dpsgd.dpsgd_epsilon(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round, plan.delta)
+    assert site["epsilon"] == pytest.approx(three_rounds)  # the accountant over all 24 steps released, not the plan's
+    assert site["epsilon"] > dpsgd.dpsgd_round_record(plan, 1)["epsilon"]
+    privacy_report.check_report(report, ["site-1"], 2)
+
+
+def test_a_ledger_rebuilt_from_its_report_goes_on_adding():
+    ledger = privacy_report.PrivacyLedger("svt", {"fraction": 0.9})
+    ledger.add_update("site-1", 0, "WEIGHT_DIFF", svt_meta(2.0), ["SVTPrivacy"], n_values=9)
+    again = privacy_report.PrivacyLedger.from_report(ledger.report())
+    again.add_update("site-1", 1, "WEIGHT_DIFF", svt_meta(3.0), ["SVTPrivacy"], n_values=9)
+    assert again.report()["sites"]["site-1"]["epsilon"] == pytest.approx(5.0)
+    assert again.report()["settings"] == {"fraction": 0.9}
 
 
 def test_values_the_svt_filter_passed_through_unnoised_make_the_update_unprotected():

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from brats_fl.privacy import DPSGD_META, MECHANISMS, SVT_ACCOUNTANT_META, SVT_BUDGET_META
-from brats_fl.privacy.dpsgd import DPSGD_ACCOUNTANT
+from brats_fl.privacy.dpsgd import DPSGD_ACCOUNTANT, dpsgd_epsilon
 from brats_fl.privacy.svt import SVTRoundBudget
 
 REPORT_FILE = "privacy_report.json"
@@ -50,11 +50,26 @@ ACCOUNTING = {
 }
 
 
+def dpsgd_cumulative_epsilon(record: dict, steps_released: int) -> float:
+    """The site's epsilon after a release: the plan's figure in the record (which assumes one release per round so
+    far), or, when the site released more steps than that (a round released twice), the accountant over all of
+    them; the larger of the two, so that neither a repeated nor a missing round is under-counted."""
+    if steps_released <= int(record["steps_so_far"]):
+        return float(record["epsilon"])
+    return max(
+        float(record["epsilon"]),
+        dpsgd_epsilon(
+            record["noise_multiplier"], record["sample_rate"], steps_released, record["delta"], record["accountant"]
+        ),
+    )
+
+
 class PrivacyLedger:
     """Every privacy-relevant release the server received, per site; thread-safety is the caller's job.
 
-    A site that sends two results for one round has released twice: under SVT both are counted, under DP-SGD (whose
-    plan covers one round of steps per round) the site's accounting is marked incomplete. Nothing is dropped."""
+    A site that sends two results for one round (a round repeated after a job was resumed, say) has released twice,
+    and both count: under SVT by adding the second release's epsilon, under DP-SGD by running the accountant over all
+    the local steps the site's releases took (which then exceeds the plan's figure). Nothing is dropped."""
 
     def __init__(self, mechanism: str, settings: dict) -> None:
         if mechanism not in MECHANISMS:
@@ -84,14 +99,20 @@ class PrivacyLedger:
         if record.pop("unprotected_part", False):
             self.unprotected.append({**where, "why": "SVTPrivacy passed scalar values through without noise"})
         record.update(round=int(round_num), data_kind=data_kind, filter_history=list(filter_history or []))
-        earlier = [r for r in self.records.get(site, []) if r["round"] == int(round_num)]
-        if earlier and self.mechanism == "dpsgd":
-            self.problems.append(
-                f"{site} sent {len(earlier) + 1} updates for round {round_num}: the DP-SGD plan covers one round of "
-                "steps per round, so its epsilon understates what this site spent"
-            )
         self.records.setdefault(site, []).append(record)
         return record
+
+    @classmethod
+    def from_report(cls, report: dict) -> PrivacyLedger:
+        """The ledger a report was written from, to go on adding releases to it (a resumed job)."""
+        ledger = cls(report["mechanism"], report["settings"])
+        for site, summary in report["sites"].items():
+            ledger.records[site] = [
+                {k: v for k, v in row.items() if k != "cumulative_epsilon"} for row in summary["rounds"]
+            ]
+        ledger.unprotected = list(report.get("updates_without_privacy_metadata", []))
+        ledger.problems = list(report.get("accounting_problems", []))
+        return ledger
 
     def _record_from_meta(self, meta: dict, n_values: int | None) -> dict | None:
         if self.mechanism == "dpsgd":
@@ -114,14 +135,15 @@ class PrivacyLedger:
 
     def site_rounds(self, site: str) -> list[dict]:
         """The site's releases in round order, each with the site's cumulative epsilon after it."""
-        rows, running = [], 0.0
+        rows, running, steps = [], 0.0, 0
         for row in sorted(self.records.get(site, []), key=lambda r: r["round"]):
             row = dict(row)
             if self.mechanism == "svt":
                 running += row["epsilon"]  # basic composition of pure-DP releases
                 row["cumulative_epsilon"] = running
             else:
-                row["cumulative_epsilon"] = row["epsilon"]  # the accountant's figure is already cumulative
+                steps += int(row["steps_this_round"])
+                row["cumulative_epsilon"] = dpsgd_cumulative_epsilon(row, steps)
             rows.append(row)
         return rows
 

@@ -27,7 +27,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
 from brats_fl.privacy import SVT_BUDGET_META
-from brats_fl.privacy.report import REPORT_FILE, TB_TAG, PrivacyLedger, write_report
+from brats_fl.privacy.report import REPORT_FILE, TB_TAG, PrivacyLedger, load_report, write_report
 
 
 def n_values_of(dxo: DXO) -> int:
@@ -36,7 +36,14 @@ def n_values_of(dxo: DXO) -> int:
 
 
 class PrivacyReportCollector(DXOFilter):
-    def __init__(self, mechanism: str, settings: dict, report_file: str = REPORT_FILE, tb_tag: str = TB_TAG):
+    def __init__(
+        self,
+        mechanism: str,
+        settings: dict,
+        report_file: str = REPORT_FILE,
+        tb_tag: str = TB_TAG,
+        previous_report: str | None = None,
+    ):
         """Server input filter for "train" results.
 
         Args:
@@ -44,12 +51,14 @@ class PrivacyReportCollector(DXOFilter):
             settings: the job's privacy flags, copied into the report.
             report_file: file name of the report, written in the server's job folder.
             tb_tag: experiment-tracking tag of the cumulative epsilon.
+            previous_report: a resumed job's report so far; its releases stay counted.
         """
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS, DataKind.WEIGHT_DIFF], data_kinds_to_filter=None)
         self.mechanism = mechanism
         self.settings = dict(settings)
         self.report_file = report_file
         self.tb_tag = tb_tag
+        self.previous_report = previous_report
         self._lock = Lock()
         self._ledger = PrivacyLedger(mechanism, settings)
         self._report_path: Path | None = None
@@ -59,7 +68,7 @@ class PrivacyReportCollector(DXOFilter):
         if event_type == EventType.START_RUN:
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             with self._lock:
-                self._ledger = PrivacyLedger(self.mechanism, self.settings)
+                self._ledger = self._starting_ledger()
                 self._report_path = Path(run_dir) / self.report_file
                 write_report(self._report_path, self._ledger.report())
 
@@ -89,6 +98,11 @@ class PrivacyReportCollector(DXOFilter):
         )
         self._log_site_scalar(fl_ctx, site, cumulative, round_num)
         return None  # the update passes unchanged
+
+    def _starting_ledger(self) -> PrivacyLedger:
+        if self.previous_report and Path(self.previous_report).is_file():
+            return PrivacyLedger.from_report(load_report(self.previous_report))
+        return PrivacyLedger(self.mechanism, self.settings)
 
     @staticmethod
     def _round_of(dxo: DXO, shareable: Shareable) -> int:

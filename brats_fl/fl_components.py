@@ -1,0 +1,115 @@
+"""The NVFlare pieces job.py adds to NVFlare's FedAvg for long runs; they run on the server, inside the job.
+
+- :class:`ResumableFedAvgRecipe`: FedAvg that can start at a later round (a resumed job).
+- :class:`LastGlobalModelKeeper`: writes the global model after every aggregation, atomically, with its round, so a
+  stopped or crashed job can continue from it (NVFlare's own checkpoint is written in place, and only when the model
+  improves once early stopping is on).
+- :class:`FinalEvaluationCollector`: keeps the per-case scores the sites send for the final evaluation of the best
+  model, in ``final_evaluation.json`` of the server's job folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from threading import Lock
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.widgets.widget import Widget
+
+from brats_fl.job_results import FINAL_EVALUATION_FILE, LAST_MODEL_FILE
+
+CASES_KEY = "cases"  # the metrics key under which a site sends its per-case scores
+
+
+class ResumableFedAvgRecipe(FedAvgRecipe):
+    """NVFlare's PyTorch FedAvg recipe whose controller starts at ``start_round``: it runs ``num_rounds`` rounds
+    numbered start_round, start_round + 1, ..., as NVFlare's FedAvg does with its start_round argument."""
+
+    def __init__(self, *, start_round: int = 0, **kwargs) -> None:
+        self._start_round = start_round
+        super().__init__(**kwargs)
+
+    def _get_controller_kwargs(self) -> dict:
+        return {"start_round": self._start_round}
+
+
+def add_server_component(recipe, component) -> None:
+    """Add a component to the server app (NVFlare's own recipe helpers, e.g. add_experiment_tracking, do it so)."""
+    recipe._job.to_server(component)
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp_path), then rename into place: a reader sees the old file or the whole new one, never half."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LastGlobalModelKeeper(Widget):
+    def __init__(self, file_name: str = LAST_MODEL_FILE):
+        """Saves the global model after every aggregation as {"model": state dict, "round": the round that made it}.
+
+        Args:
+            file_name: file in the server's job folder.
+        """
+        super().__init__()
+        self.file_name = file_name
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type != AppEventType.AFTER_SHAREABLE_TO_LEARNABLE:
+            return
+        learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        round_num = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if learnable is None or round_num is None:
+            return
+        weights = {k: torch.as_tensor(v) for k, v in learnable[ModelLearnableKey.WEIGHTS].items()}
+        run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+        write_atomically(
+            run_dir / self.file_name, lambda tmp: torch.save({"model": weights, "round": int(round_num)}, tmp)
+        )
+
+
+class FinalEvaluationCollector(DXOFilter):
+    def __init__(self, file_name: str = FINAL_EVALUATION_FILE):
+        """Server input filter for "validate" results: records each site's per-case scores as {site: {case id:
+        {score: value}}}; changes nothing.
+
+        Args:
+            file_name: file in the server's job folder.
+        """
+        super().__init__(supported_data_kinds=[DataKind.METRICS], data_kinds_to_filter=None)
+        self.file_name = file_name
+        self._lock = Lock()
+        self._results: dict[str, dict] = {}
+        self._path: Path | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.START_RUN:
+            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+            self._path = Path(run_dir) / self.file_name
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer else "unknown-site"
+        cases = (dxo.data or {}).get(CASES_KEY)
+        if cases:
+            with self._lock:
+                self._results[site] = cases
+                if self._path is not None:
+                    write_atomically(self._path, lambda tmp: tmp.write_text(json.dumps(self._results, indent=1)))
+        return None
