@@ -4,6 +4,8 @@ Every round: receive the global model, validate it, train ``aggregation_epochs``
 back (the Client API turns them into a weight difference, as job.py asks) with the validation Dice and the number of
 local steps, which FedAvg uses as the aggregation weight. One site validates for all (by default), scoring a snapshot
 of the received model in a background thread while it trains, so its validation does not lengthen the round.
+In an evaluation job (job.py's final evaluation, or --evaluate) the site instead scores the received model case by
+case on its validation cases and sends only those scores.
 
 Its settings come from ``brats_settings.json``, which job.py ships next to this file (brats_fl/settings.py defines
 them). The imaging pipeline (transforms, loss, Dice, sliding-window inference) is brats_fl/pipeline.py, shared with
@@ -30,6 +32,7 @@ from nvflare.client.tracking import SummaryWriter
 
 import brats_fl.pipeline as bp
 from brats_fl.cache import CaseCache
+from brats_fl.evaluation import CASES_KEY, score_cases
 from brats_fl.privacy import DPSGD_META, dpsgd
 from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 from model import BratsSegResNet
@@ -89,26 +92,42 @@ def set_cpu_threads(settings: TrainingSettings, site_name: str) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
-def build_loaders(settings: TrainingSettings, site_name: str, device: torch.device):
-    """The site's training cases, and its validation cases if it validates; preprocessed cases come from the disk
-    cache shared by every site and round on this machine when the settings name one. Each loader draws from its own
-    generator, so whether this site validates changes nothing in its training."""
-    name = "site-All" if settings.centralised else site_name
-    datalist = bp.read_datalist(Path(settings.datalist_json_path) / f"{name}.json")
-    et_label = bp.datalist_et_label(datalist)
-    cache = CaseCache(settings.cache_dir) if settings.cache_dir else None
-    options = {"num_workers": settings.num_workers, "pin_memory": device.type == "cuda"}
-
-    def loader(part: str, steps, shuffle: bool):
-        entries = bp.resolve_entries(datalist[part], settings.dataset_base_dir)
-        dataset = bp.make_dataset(entries, steps, cache, settings.cache_dataset, et_label)
-        generator = torch.Generator().manual_seed(site_seed(settings, site_name))
-        return bp.make_loader(dataset, shuffle=shuffle, generator=generator, **options)
-
-    train_loader = loader("training", bp.training_steps(settings.roi_size, et_label), shuffle=True)
-    val_loader = (
-        loader("validation", bp.validation_steps(et_label), False) if validates_here(settings, site_name) else None
+def site_datalist(settings: TrainingSettings, site_name: str) -> dict:
+    return bp.read_datalist(
+        Path(settings.datalist_json_path) / f"{'site-All' if settings.centralised else site_name}.json"
     )
+
+
+def site_loader(settings: TrainingSettings, site_name: str, device: torch.device, part: str, steps, shuffle: bool):
+    """A loader over one part ("training" or "validation") of the site's datalist; preprocessed cases come from the
+    disk cache shared by every site and round on this machine when the settings name one. Each loader draws from its
+    own generator, so whether this site validates changes nothing in its training."""
+    datalist = site_datalist(settings, site_name)
+    cache = CaseCache(settings.cache_dir) if settings.cache_dir else None
+    entries = bp.resolve_entries(datalist[part], settings.dataset_base_dir)
+    dataset = bp.make_dataset(entries, steps, cache, settings.cache_dataset, bp.datalist_et_label(datalist))
+    generator = torch.Generator().manual_seed(site_seed(settings, site_name))
+    return bp.make_loader(
+        dataset,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def build_validation_loader(settings: TrainingSettings, site_name: str, device: torch.device):
+    et_label = bp.datalist_et_label(site_datalist(settings, site_name))
+    return site_loader(settings, site_name, device, "validation", bp.validation_steps(et_label), shuffle=False)
+
+
+def build_loaders(settings: TrainingSettings, site_name: str, device: torch.device):
+    """The site's training loader, and its validation loader if it validates (else None)."""
+    et_label = bp.datalist_et_label(site_datalist(settings, site_name))
+    train_loader = site_loader(
+        settings, site_name, device, "training", bp.training_steps(settings.roi_size, et_label), shuffle=True
+    )
+    val_loader = build_validation_loader(settings, site_name, device) if validates_here(settings, site_name) else None
     return train_loader, val_loader
 
 
@@ -243,40 +262,68 @@ def log_round(to_server, training_writer, round_num: int, metrics: dict[str, flo
     training_writer.add_scalar("train_steps", steps, global_step=round_num)
 
 
+def final_evaluation(settings: TrainingSettings, site_name: str, params: dict) -> dict:
+    """The received model's per-case scores on the site's validation cases (brats_fl/evaluation.py, the code
+    result_stat uses): {"cases": {case id: scores}}, or {} at a site that does not validate. Only these scores leave
+    the site."""
+    if not validates_here(settings, site_name):
+        return {}
+    device = bp.select_device()
+    model = BratsSegResNet(init_filters=settings.init_filters).to(device)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})  # the evaluation job sends NumPy
+    loader = build_validation_loader(settings, site_name, device)
+    use_amp = device.type == "cuda" and settings.amp and settings.dp_mechanism != "dpsgd"
+    started = time.perf_counter()
+    cases = score_cases(model, loader, device, settings.infer_roi_size, use_amp=use_amp)
+    print(f"[{site_name}] final evaluation: {len(cases)} cases in {time.perf_counter() - started:.1f} s", flush=True)
+    return {CASES_KEY: cases}
+
+
+def train_and_report(site: Site, input_model, to_server, training_writer, background: ThreadPoolExecutor) -> None:
+    """One round: validate the received model (in the background at the one validating site), train, send."""
+    round_num = input_model.current_round
+    site.model.load_state_dict(input_model.params)
+    global_model = frozen_copy(site.model)  # what is validated, and what FedProx pulls towards
+    validation = start_validation(site, global_model, background)
+
+    started = time.perf_counter()
+    steps, train_loss = train_one_round(site, global_model)
+    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps}
+    if site.dpsgd_plan is not None:
+        meta[DPSGD_META] = dpsgd.dpsgd_round_record(site.dpsgd_plan, round_num)
+    metrics = validation.result()
+
+    log_round(to_server, training_writer, round_num, metrics, train_loss, steps)
+    dice = f"global model val_dice {metrics['val_dice']:.4f}, " if "val_dice" in metrics else ""
+    privacy = f", epsilon {meta[DPSGD_META]['epsilon']:.4g} spent" if DPSGD_META in meta else ""
+    print(
+        f"[{site.name}] round {round_num}: {dice}{steps} local steps in {time.perf_counter() - started:.1f} s, "
+        f"train loss {train_loss:.4f}{privacy}",
+        flush=True,
+    )
+    params = {k: v.detach().cpu() for k, v in site.model.state_dict().items()}
+    flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
+
+
 def main() -> None:
     settings = TrainingSettings.read(Path(__file__).with_name(SETTINGS_FILE))
     flare.init()
-    site = set_up_site(settings, flare.get_site_name())
-    to_server = SummaryWriter()  # NVFlare's tracking writer: events stream to the server's tb_events/<site>
-    training_writer = training_statistics_writer(settings, to_server)
+    site_name = flare.get_site_name()
+    site, to_server, training_writer = None, None, None  # set up at the first training task
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validation")
 
     while flare.is_running():
         input_model = flare.receive()
         if input_model is None:
             break
-        round_num = input_model.current_round
-        site.model.load_state_dict(input_model.params)
-        global_model = frozen_copy(site.model)  # what is validated, and what FedProx pulls towards
-        validation = start_validation(site, global_model, background)
-
-        started = time.perf_counter()
-        steps, train_loss = train_one_round(site, global_model)
-        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps}
-        if site.dpsgd_plan is not None:
-            meta[DPSGD_META] = dpsgd.dpsgd_round_record(site.dpsgd_plan, round_num)
-        metrics = validation.result()
-
-        log_round(to_server, training_writer, round_num, metrics, train_loss, steps)
-        dice = f"global model val_dice {metrics['val_dice']:.4f}, " if "val_dice" in metrics else ""
-        privacy = f", epsilon {meta[DPSGD_META]['epsilon']:.4g} spent" if DPSGD_META in meta else ""
-        print(
-            f"[{site.name}] round {round_num}: {dice}{steps} local steps in {time.perf_counter() - started:.1f} s, "
-            f"train loss {train_loss:.4f}{privacy}",
-            flush=True,
-        )
-        params = {k: v.detach().cpu() for k, v in site.model.state_dict().items()}
-        flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
+        if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --evaluate)
+            flare.send(flare.FLModel(metrics=final_evaluation(settings, site_name, input_model.params)))
+            continue
+        if site is None:
+            site = set_up_site(settings, site_name)
+            to_server = SummaryWriter()  # NVFlare's tracking writer: events stream to the server's tb_events/<site>
+            training_writer = training_statistics_writer(settings, to_server)
+        train_and_report(site, input_model, to_server, training_writer, background)
 
 
 if __name__ == "__main__":

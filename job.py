@@ -5,19 +5,22 @@
     python job.py --dataset_base_dir /data/brats18 --n_clients 4        # federated
     python job.py --dataset_base_dir /data/brats18 --n_clients 4 --enable_dp                         # + SVT
     python job.py --dataset_base_dir /data/brats18 --n_clients 4 --enable_dp --dp_mechanism dpsgd    # + DP-SGD
+    python job.py --resume /tmp/nvflare/simulation/brats18_4            # continue a stopped or crashed job
+    python job.py --evaluate <job>/server/simulate_job/app_server/best_FL_global_model.pt   # score a checkpoint
 
 Reads the flags into one set of training settings (brats_fl/settings.py), builds a FedAvg recipe around
-BratsSegResNet (sites send weight differences, the server keeps the global model with the best validation Dice),
-runs it in the NVFlare simulator and prints a summary of what it produced.
+BratsSegResNet (brats_fl/recipes.py: sites send weight differences, the server keeps the global model with the best
+validation Dice and the last one), runs it in the NVFlare simulator, then has the sites score the best model on their
+validation cases (the final evaluation) and prints a summary. Ctrl-C stops every process the job started and prints
+the command that resumes it (brats_fl/runner.py, brats_fl/resume.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -25,16 +28,17 @@ from pathlib import Path
 # them), so it must happen before our parser runs.
 import nvflare.recipe  # noqa: F401
 
+from brats_fl.job_results import JobPaths
+from brats_fl.recipes import StartPoint
 from brats_fl.settings import (
     CACHE_FOLDER,
     DEFAULT_WORKSPACE,
     DEMO_OVERRIDES,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
-    KEY_METRIC,
+    EXIT_OK,
     MECHANISMS,
     REPO_DIR,
-    SETTINGS_FILE,
     SHIPPED_DATALIST_DIR,
     SettingsError,
     TrainingSettings,
@@ -43,8 +47,8 @@ from brats_fl.settings import (
     describe_default,
 )
 
-PACKAGE_DIR = REPO_DIR / "brats_fl"
 MAX_DEFAULT_WORKERS = 8
+FINAL_EVALUATION_JOB = "final_evaluation"  # <job>/final_evaluation/: the evaluation job run after training
 # torch, MONAI and NVFlare's job API take seconds to import: they are imported inside the functions below, so that
 # `python job.py --help` and bad-input errors answer at once.
 
@@ -192,6 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="DP-SGD: Opacus's secure mode, noise robust to floating-point attacks (each noise value is "
         "the scaled sum of 4 Gaussian draws; see docs/privacy.md) (default: off)",
     )
+
+    lr = p.add_argument_group(
+        "long runs (Ctrl-C or SIGTERM stops every process of the job and prints the command that resumes it; "
+        "see docs/long_runs.md)"
+    )
+    lr.add_argument(
+        "--resume",
+        metavar="JOB_DIR",
+        help="continue the stopped or crashed job in JOB_DIR (<workspace>/<job_name>) at the round after its last "
+        "global model, with the settings it started with; only the flags of 'hardware' and of this group may be "
+        "given besides, and --dataset_base_dir if the data moved",
+    )
+    lr.add_argument(
+        "--stop_after_round",
+        type=int,
+        metavar="N",
+        help="stop cleanly once round N is done, to --resume later (default: run every round)",
+    )
+    setting(lr, "stop_dice", "stop once the global val_dice reaches this value, in (0, 1]", type=float, metavar="X")
+    setting(lr, "patience", "stop after N rounds without a better global val_dice", type=int, metavar="N")
+    lr.add_argument(
+        "--no_final_eval",
+        action="store_true",
+        help="skip the final evaluation: after training, the sites score the best model case by case on their "
+        "validation cases and only the scores travel (default: on)",
+    )
+    lr.add_argument(
+        "--evaluate",
+        metavar="CHECKPOINT",
+        help="no training: the sites score this checkpoint as in the final evaluation. A checkpoint inside a job "
+        "folder is scored with that job's settings and sites; any other with the settings of the flags",
+    )
     return p
 
 
@@ -201,8 +237,18 @@ class JobInputs:
 
     args: argparse.Namespace
     settings: TrainingSettings
-    demo: bool
+    job: JobPaths  # where the job's outputs are (with --evaluate: the evaluation job's)
+    start: StartPoint = field(default_factory=StartPoint)  # a resumed job's starting round and state
+    explicit: dict = field(default_factory=dict)  # the flags given on the command line, by name
     dpsgd_plans: dict = field(default_factory=dict)  # site name -> DPSGDPlan, with --dp_mechanism dpsgd
+
+
+def explicit_flags(argv: list[str] | None) -> dict:
+    """The flags actually given (argparse fills in defaults, which --resume must tell apart from choices)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
 def settings_from_flags(args: argparse.Namespace, demo: bool) -> TrainingSettings:
@@ -332,21 +378,50 @@ def plan_dpsgd_sites(settings: TrainingSettings, n_clients: int) -> dict:
 
 def prepare(argv: list[str] | None = None) -> JobInputs:
     """Parse and check everything; raises InputError before any file is written (demo data aside)."""
-    from brats_fl.privacy import PrivacyConfigError
-    from brats_fl.privacy.dpsgd import check_dpsgd_values
-
     args = build_parser().parse_args(argv)
     if Path.cwd().resolve() != REPO_DIR:
         raise InputError(f"run job.py from the repository root: cd {REPO_DIR} (the recipe ships client.py from there)")
-    demo = args.dataset_base_dir is None and args.datalist_json_path is None
-    check_job_flags(args)
-    settings = settings_from_flags(args, demo)
+    explicit = explicit_flags(argv)
+    if args.resume and args.evaluate:
+        raise InputError("--resume and --evaluate: give one (score a resumed job's best model once it has finished)")
+    if args.stop_after_round is not None and args.stop_after_round < 0:
+        raise InputError(f"--stop_after_round {args.stop_after_round}: need a round number >= 0")
+    from brats_fl.resume import ResumeError, settings_beside
+
+    try:
+        if args.resume:
+            return prepare_resume(args, explicit)
+        job_settings = settings_beside(Path(args.evaluate)) if args.evaluate else None
+        if job_settings:
+            return prepare_evaluation_of_job_model(args, explicit, job_settings)
+        return prepare_new_job(args, explicit)
+    except ResumeError as e:
+        raise InputError(str(e)) from None
+
+
+def checked(settings: TrainingSettings) -> TrainingSettings:
+    """settings, or InputError naming the first flag no run can use."""
+    from brats_fl.privacy import PrivacyConfigError
+    from brats_fl.privacy.dpsgd import check_dpsgd_values
+
     try:
         settings.check()
         if settings.dp_mechanism == "dpsgd":
             check_dpsgd_values(settings.dp_target_epsilon, settings.dp_delta, settings.dp_max_grad_norm)
     except (SettingsError, PrivacyConfigError) as e:
         raise InputError(str(e)) from None
+    return settings
+
+
+def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
+    """A job (or an --evaluate run) whose settings are the flags."""
+    demo = args.dataset_base_dir is None and args.datalist_json_path is None
+    check_job_flags(args)
+    if args.evaluate and "job_name" not in explicit:
+        args.job_name = f"{Path(args.evaluate).stem}_evaluation"
+    settings = checked(settings_from_flags(args, demo))
+    if args.evaluate:
+        check_checkpoint(Path(args.evaluate), settings)
     dataset_dir, datalist_dir = resolve_data(args, demo)
     settings.dataset_base_dir = str(dataset_dir.resolve())
     settings.datalist_json_path = str(datalist_dir.resolve())
@@ -355,112 +430,135 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
         print("The sites' datalists list different validation cases: every site validates on its own.", flush=True)
     if settings.validate_at == "one_site":
         settings.validating_site = lightest_site(datalist_dir, args.n_clients)
+    plans = plan_dpsgd_sites(settings, args.n_clients) if settings.dp_mechanism == "dpsgd" and not args.evaluate else {}
+    job = JobPaths(Path(args.workspace).resolve(), args.job_name)
+    return JobInputs(args, settings, job, explicit=explicit, dpsgd_plans=plans)
+
+
+def prepare_resume(args: argparse.Namespace, explicit: dict) -> JobInputs:
+    """A stopped or crashed job, continued with the settings it started with."""
+    from brats_fl.privacy.report import load_report
+    from brats_fl.resume import (
+        RESUME_MAY_SET,
+        apply_resume_flags,
+        count_sites,
+        job_end,
+        read_job_settings,
+        refuse_changed_settings,
+        start_point,
+    )
+
+    job_dir = Path(args.resume).resolve()
+    job = JobPaths(job_dir.parent, job_dir.name)
+    what = f"--resume {args.resume}"
+    settings = read_job_settings(job, what)
+    args.n_clients = count_sites(job_dir, what)
+    refuse_changed_settings(
+        explicit,
+        settings,
+        args.n_clients,
+        RESUME_MAY_SET,
+        what,
+        "a resumed job goes on with the settings it started with (leave the flag out, or start a new job with "
+        "another --job_name)",
+    )
+    args.job_name, args.workspace = job.job_name, str(job.workspace_root)
+    check_job_flags(args)
+    settings = checked(apply_resume_flags(settings, explicit, max(1, cores_per_site(args))))
+    check_job_data(settings, args.n_clients, what)
+    start = start_point(job, what)
+    finished = job_end(job)
+    if finished or start.round >= settings.num_rounds:
+        raise InputError(
+            f"{what}: the job already {finished or f'ran all {settings.num_rounds} rounds'}; nothing to resume "
+            f"(score its best model with: python job.py --evaluate {job.best_model})"
+        )
+    if args.stop_after_round is not None and args.stop_after_round < start.round:
+        raise InputError(f"--stop_after_round {args.stop_after_round}: the job resumes at round {start.round}")
+    if start.privacy_report is not None and load_report(start.privacy_report).get("mechanism") != settings.dp_mechanism:
+        raise InputError(f"{what}: {start.privacy_report} is not a {settings.dp_mechanism} report")
     plans = plan_dpsgd_sites(settings, args.n_clients) if settings.dp_mechanism == "dpsgd" else {}
-    return JobInputs(args, settings, demo, plans)
+    return JobInputs(args, settings, job, start, explicit, plans)
 
 
-def stage_app_files(settings: TrainingSettings) -> Path:
-    """A fresh folder holding what every site runs besides client.py: the brats_fl package, model.py and the
-    settings document. NVFlare copies a folder's contents into the app's custom/ folder, so one call ships it."""
-    staged = Path(tempfile.mkdtemp(prefix="brats_app_"))
-    shutil.copytree(PACKAGE_DIR, staged / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO_DIR / "model.py", staged / "model.py")
-    settings.write(staged / SETTINGS_FILE)
-    return staged
+def prepare_evaluation_of_job_model(args: argparse.Namespace, explicit: dict, settings_file: Path) -> JobInputs:
+    """--evaluate of a checkpoint inside a job folder: that job's settings and sites; the evaluation job goes next
+    to that job unless --workspace says otherwise."""
+    from brats_fl.resume import (
+        RESUME_MAY_SET,
+        apply_resume_flags,
+        count_sites,
+        read_job_settings,
+        refuse_changed_settings,
+    )
+
+    job_dir = settings_file.parents[4]  # <job>/server/simulate_job/app_server/custom/brats_settings.json
+    what = f"--evaluate {args.evaluate}"
+    settings = read_job_settings(JobPaths(job_dir.parent, job_dir.name), what, settings_file)
+    args.n_clients = count_sites(job_dir, what)
+    refuse_changed_settings(
+        explicit,
+        settings,
+        args.n_clients,
+        RESUME_MAY_SET | {"evaluate", "job_name", "workspace"},
+        what,
+        "a job's model is scored with the settings it was trained with (leave the flag out)",
+    )
+    if "job_name" not in explicit:
+        args.job_name = f"{job_dir.name}_evaluation"
+    if "workspace" not in explicit:
+        args.workspace = str(job_dir.parent)
+    check_job_flags(args)
+    settings = checked(apply_resume_flags(settings, explicit, max(1, cores_per_site(args))))
+    check_checkpoint(Path(args.evaluate), settings)
+    check_job_data(settings, args.n_clients, what)
+    return JobInputs(args, settings, JobPaths(Path(args.workspace).resolve(), args.job_name), explicit=explicit)
 
 
-def build_recipe(inputs: JobInputs):
-    """The FedAvg job: weight differences from the sites, best model kept by val_dice, TensorBoard on."""
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-    from nvflare.client.config import TransferType
-    from nvflare.recipe.utils import add_experiment_tracking
+def check_job_data(settings: TrainingSettings, n_clients: int, what: str) -> None:
+    """The job's data is still where its settings say (a data folder that moved needs --dataset_base_dir)."""
+    from dataset_brats18.datalist import DatalistError, check_job_datalists, site_datalist_names
 
+    try:
+        check_job_datalists(
+            Path(settings.datalist_json_path), settings.dataset_base_dir, site_datalist_names(n_clients)
+        )
+    except DatalistError as e:
+        raise InputError(f"{what}: {e} (if the data moved, give its new folder with --dataset_base_dir)") from None
+
+
+def check_checkpoint(path: Path, settings: TrainingSettings) -> None:
+    """The checkpoint exists and fits the model the settings describe."""
+    from brats_fl.evaluation import checkpoint_problem
+
+    if not path.is_file():
+        raise InputError(f"--evaluate {path}: no such file")
+    problem = checkpoint_problem(path, make_model(settings))
+    if problem:
+        raise InputError(
+            f"--evaluate {path}: does not fit the model of --init_filters {settings.init_filters}: {problem}"
+        )
+
+
+def make_model(settings: TrainingSettings):
     from model import BratsSegResNet
 
-    args, settings = inputs.args, inputs.settings
-    recipe = FedAvgRecipe(
-        name=args.job_name,
-        model=BratsSegResNet(init_filters=settings.init_filters, init_seed=settings.seed),  # rebuilt on the server
-        min_clients=args.n_clients,
-        num_rounds=settings.num_rounds,
-        train_script="client.py",  # relative: shipped in the job, so an exported job runs anywhere
-        params_transfer_type=TransferType.DIFF,
-        key_metric=KEY_METRIC,
-    )
-    app_files = stage_app_files(settings)
-    recipe.add_client_file(str(app_files))
-    add_experiment_tracking(recipe, "tensorboard")
-    if settings.dp_mechanism:
-        recipe.add_server_file(str(app_files))  # the privacy report's filter runs on the server
-        add_privacy(recipe, settings, args.n_clients)
-    return recipe
+    return BratsSegResNet(init_filters=settings.init_filters, init_seed=settings.seed)
 
 
-def add_privacy(recipe, settings: TrainingSettings, n_clients: int) -> None:
-    """The chosen mechanism (SVT: a filter on each site's output; DP-SGD: lives in client.py) and the server filter
-    that writes the privacy report."""
-    from brats_fl.privacy.report_filter import PrivacyReportCollector
-    from brats_fl.privacy.svt import make_svt_filter
-
-    if settings.dp_mechanism == "svt":
-        recipe.add_client_output_filter(make_svt_filter(svt_settings(settings)), tasks=["train"])
-    recipe.add_server_input_filter(
-        PrivacyReportCollector(settings.dp_mechanism, privacy_report_settings(settings, n_clients)), tasks=["train"]
-    )
-
-
-def svt_settings(settings: TrainingSettings):
-    from brats_fl.privacy.svt import SVTSettings
-
-    return SVTSettings(settings.dp_fraction, settings.dp_epsilon, settings.dp_noise_var, settings.dp_gamma)
-
-
-def privacy_report_settings(settings: TrainingSettings, n_clients: int) -> dict:
-    """The settings that fix the guarantee, copied into privacy_report.json."""
-    from dataclasses import asdict
-
-    from brats_fl.privacy.dpsgd import DPSGD_ACCOUNTANT
-
-    common = {
-        "num_rounds": settings.num_rounds,
-        "aggregation_epochs": settings.aggregation_epochs,
-        "n_clients": n_clients,
-    }
-    if settings.dp_mechanism == "svt":
-        return {**common, **asdict(svt_settings(settings))}
-    return {
-        **common,
-        "target_epsilon": settings.dp_target_epsilon,
-        "delta": settings.dp_delta,
-        "max_grad_norm": settings.dp_max_grad_norm,
-        "accountant": DPSGD_ACCOUNTANT,
-    }
-
-
-def run(args: argparse.Namespace, recipe) -> None:
-    """Run in the simulator (the simulator raises if an in-process site fails)."""
-    from nvflare.recipe import SimEnv
-
-    env = SimEnv(
-        num_clients=args.n_clients,
-        num_threads=args.threads,
-        gpu_config=args.gpu,
-        workspace_root=str(Path(args.workspace).resolve()),
-    )
-    recipe.execute(env)  # with NVFlare's --export flag this writes the job folder and exits instead
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from brats_fl.job_results import JobResultError, first_client_error, summarize_job
-
     try:
         inputs = prepare(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    args, settings = inputs.args, inputs.settings
-    warn_if_gpu_unusable(args)
-    report_cache(settings)
+    warn_if_gpu_unusable(inputs.args)
+    report_cache(inputs.settings)
+    if inputs.args.evaluate:
+        return evaluate_checkpoint(inputs)
     for site, plan in inputs.dpsgd_plans.items():
         print(
             f"DP-SGD {site}: {plan.n_train} training cases, sampling rate {plan.sample_rate:.3g}, "
@@ -468,30 +566,146 @@ def main(argv: list[str] | None = None) -> int:
             f"{plan.target_epsilon} at delta {plan.delta:.3g}",
             flush=True,
         )
-    recipe = build_recipe(inputs)
-    workspace = Path(args.workspace).resolve()
-    try:
-        run(args, recipe)
-    except Exception as e:  # the simulator raises when an in-process site fails
-        cause = first_client_error(workspace, args.job_name)
-        print(f"error: job {args.job_name} failed: {cause or e}", file=sys.stderr)
+    return train(inputs)
+
+
+def train(inputs: JobInputs) -> int:
+    """Run the rounds (all, or up to --stop_after_round), fold a resumed part into the job, then summarise and
+    evaluate; a stop or a failure prints how to resume."""
+    from brats_fl.job_results import JobResultError, early_stop_of, summarize_job
+    from brats_fl.resume import fold_part_into_job, part_paths
+    from brats_fl.runner import run_in_simulator
+
+    args, settings, job, start = inputs.args, inputs.settings, inputs.job, inputs.start
+    last_round = settings.num_rounds - 1
+    if args.stop_after_round is not None:
+        last_round = min(args.stop_after_round, last_round)
+    run_paths = job if start.round == 0 else part_paths(job, start.round)
+    if start.round:
+        print(
+            f"Resuming job {job.job_name} at round {start.round} of {settings.num_rounds} from {start.initial_ckpt}; "
+            f"this part runs in {run_paths.job_dir} and is folded into the job when it ends.",
+            flush=True,
+        )
+    recipe = build_recipe(inputs, run_paths.job_name, last_round + 1 - start.round)
+    outcome = run_in_simulator(recipe, run_paths, args.n_clients, args.threads, args.gpu)
+    if start.round:
+        fold_part_into_job(job, run_paths, start.round)
+    if outcome.interrupted:
+        print(stop_line(inputs, f"Stopped by {outcome.interrupted}"), file=sys.stderr, flush=True)
+        return outcome.interrupted.exit_code
+    if outcome.error:
+        print(f"error: job {job.job_name} failed: {outcome.error}", file=sys.stderr)
+        print(stop_line(inputs, "Once the cause is fixed, the job can go on:"), file=sys.stderr)
         return EXIT_FAILED
+    early_stop = early_stop_of(run_paths.server_log)
+    if early_stop is None and last_round < settings.num_rounds - 1:
+        print(stop_line(inputs, "Stopped as --stop_after_round asked"), flush=True)
+        return EXIT_OK
     try:
         summary = summarize_job(
-            workspace, args.job_name, settings.num_rounds, validating_sites(settings, args.n_clients)
+            job.workspace_root,
+            job.job_name,
+            early_stop[1] + 1 if early_stop else settings.num_rounds,
+            validating_sites(settings, args.n_clients),
         )
-    except JobResultError as e:
-        print(f"error: job {args.job_name} did not finish properly: {e}", file=sys.stderr)
+        if settings.dp_mechanism:
+            summary.extra_lines += privacy_summary(summary.paths.privacy_report, args.n_clients, len(summary.rounds))
+    except (JobResultError, OSError, ValueError) as e:
+        print(f"error: job {job.job_name} did not finish properly: {e}", file=sys.stderr)
         return EXIT_FAILED
-    if settings.dp_mechanism:
-        try:
-            summary.extra_lines += privacy_summary(summary.paths.privacy_report, settings, args.n_clients)
-        except (OSError, ValueError) as e:
-            print(summary.render())
-            print(f"error: job {args.job_name}: privacy accounting incomplete: {e}", file=sys.stderr)
-            return EXIT_FAILED
+    if early_stop:
+        summary.extra_lines.append(f"  stopped early by {early_stop[0]} at round {early_stop[1]}")
+    if args.no_final_eval:
+        print(summary.render())
+        return EXIT_OK
+    outcome, table = evaluate_at_sites(inputs, job.best_model, JobPaths(job.job_dir, FINAL_EVALUATION_JOB), job)
+    if table:
+        summary.extra_lines += final_evaluation_lines(job, table)
     print(summary.render())
-    return 0
+    if outcome.interrupted or outcome.error:
+        why = f"stopped by {outcome.interrupted}" if outcome.interrupted else f"failed: {outcome.error}"
+        print(
+            f"error: the final evaluation {why}; training is complete: score the best model with "
+            f"python job.py --evaluate {job.best_model}",
+            file=sys.stderr,
+        )
+        return outcome.interrupted.exit_code if outcome.interrupted else EXIT_FAILED
+    return EXIT_OK
+
+
+def build_recipe(inputs: JobInputs, name: str | None = None, rounds_to_run: int | None = None):
+    """The training job of these inputs (brats_fl/recipes.py), by default all rounds from the start point."""
+    from brats_fl.recipes import build_training_recipe
+
+    settings = inputs.settings
+    return build_training_recipe(
+        settings,
+        make_model(settings),
+        name or inputs.job.job_name,
+        inputs.args.n_clients,
+        settings.num_rounds - inputs.start.round if rounds_to_run is None else rounds_to_run,
+        inputs.start,
+    )
+
+
+def stop_line(inputs: JobInputs, head: str) -> str:
+    """One line: how far the job got, where its last global model is, and the command that continues it."""
+    from brats_fl.resume import last_model_round, resume_command
+
+    job, total = inputs.job, inputs.settings.num_rounds
+    last = last_model_round(job)
+    if last < 0:
+        return f"{head} before round 0 ended: nothing to resume from; start the job again."
+    return (
+        f"{head} after round {last} of rounds 0-{total - 1}; last global model: {job.last_global_model}; "
+        f"resume with: {resume_command(job.job_dir, inputs.explicit)}"
+    )
+
+
+def evaluate_at_sites(inputs: JobInputs, checkpoint: Path, eval_paths: JobPaths, output: JobPaths):
+    """Run the evaluation job; on success write the results table and per-case CSV into output's server folder.
+    Returns (RunOutcome, table path or None)."""
+    from brats_fl.evaluation import write_results
+    from brats_fl.job_results import FINAL_EVALUATION_FILE
+    from brats_fl.recipes import build_evaluation_recipe
+    from brats_fl.runner import RunOutcome, run_in_simulator
+
+    args, settings = inputs.args, inputs.settings
+    print(f"Final evaluation: the sites score {checkpoint} on their validation cases.", flush=True)
+    recipe = build_evaluation_recipe(settings, make_model(settings), eval_paths.job_name, args.n_clients, checkpoint)
+    outcome = run_in_simulator(recipe, eval_paths, args.n_clients, args.threads, args.gpu)
+    if outcome.interrupted or outcome.error:
+        return outcome, None
+    scores = eval_paths.server_job_dir / FINAL_EVALUATION_FILE
+    if not scores.is_file():
+        return RunOutcome(
+            error=f"no site sent scores ({scores} is missing); see {eval_paths.job_dir}/site-*/log.txt"
+        ), None
+    output.server_job_dir.mkdir(parents=True, exist_ok=True)
+    write_results(json.loads(scores.read_text()), output.final_evaluation_table, output.final_evaluation_csv)
+    return outcome, output.final_evaluation_table
+
+
+def final_evaluation_lines(output: JobPaths, table: Path) -> list[str]:
+    return [
+        f"  final evaluation at the sites (means; every case in {output.final_evaluation_csv}):",
+        *(f"    {line}" for line in table.read_text().splitlines()),
+    ]
+
+
+def evaluate_checkpoint(inputs: JobInputs) -> int:
+    """--evaluate: the sites score one checkpoint; the table goes into the evaluation job's server folder."""
+    checkpoint = Path(inputs.args.evaluate).resolve()
+    outcome, table = evaluate_at_sites(inputs, checkpoint, inputs.job, inputs.job)
+    if outcome.interrupted:
+        print(f"Stopped by {outcome.interrupted}: the evaluation did not finish.", file=sys.stderr)
+        return outcome.interrupted.exit_code
+    if outcome.error:
+        print(f"error: the evaluation of {checkpoint} failed: {outcome.error}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join([f"Evaluation of {checkpoint} finished:", *final_evaluation_lines(inputs.job, table)]))
+    return EXIT_OK
 
 
 def validating_sites(settings: TrainingSettings, n_clients: int) -> list[str]:
@@ -525,12 +739,12 @@ def warn_if_gpu_unusable(args: argparse.Namespace) -> None:
         )
 
 
-def privacy_summary(report_path: Path, settings: TrainingSettings, n_clients: int) -> list[str]:
+def privacy_summary(report_path: Path, n_clients: int, num_rounds: int) -> list[str]:
     """Summary lines of the privacy report; ValueError if any site/round is missing or went out unprotected."""
     from brats_fl.privacy.report import check_report, load_report, summary_lines
 
     report = load_report(report_path)
-    check_report(report, [f"site-{i}" for i in range(1, n_clients + 1)], settings.num_rounds)
+    check_report(report, [f"site-{i}" for i in range(1, n_clients + 1)], num_rounds)
     return summary_lines(report, report_path)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 # The columns of the results table: the paper's Dice, and the challenge's HD95 (brats_fl/metrics.py says how).
 TABLE_SCORES = ("dice_overall", "dice_tc", "dice_wt", "dice_et", "hd95_tc", "hd95_wt", "hd95_et")
 POOLED = "all sites"
+CASES_KEY = "cases"  # the metrics key under which a site sends its per-case scores to the server
 
 
 def case_id_of(label_path: str | Path) -> str:
@@ -53,6 +54,19 @@ def score_cases(model, loader, device, infer_roi_size: Sequence[int], use_amp: b
                 case = case_id_of(label.meta.get("filename_or_obj", f"case{len(scores)}"))
                 scores[case] = region_scores(pred, truth, spacing_of(label), bp.REGIONS)
     return scores
+
+
+def checkpoint_problem(path: Path, model) -> str | None:
+    """Why the checkpoint cannot be scored with model (unreadable, weights of other names or shapes), or None."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(data.get("model", data) if isinstance(data, dict) else data)
+    except Exception as e:  # unreadable, or weights of another shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return None
 
 
 def mean_scores(cases: dict[str, dict]) -> dict[str, float]:

@@ -18,6 +18,7 @@ BEST_MODEL_FILE = "best_FL_global_model.pt"
 GLOBAL_MODEL_FILE = "FL_global_model.pt"  # NVFlare's checkpoint of the last (with early stopping: best) global model
 LAST_MODEL_FILE = "last_global_model.pt"  # the project's: the global model of the last round, and that round
 FINAL_EVALUATION_FILE = "final_evaluation.json"  # the sites' per-case scores of the best model
+RESUMED_FOLDER = "resumed"  # <job>/resumed/from_round_<k>/: where a resumed job's continuation from round k runs
 REGION_METRICS = ("val_dice_tc", "val_dice_wt", "val_dice_et")
 
 
@@ -76,6 +77,10 @@ class JobPaths:
     def settings_file(self) -> Path:
         """The settings every site trained with, shipped in the job."""
         return self.server_job_dir / "app_server" / "custom" / "brats_settings.json"
+
+    @property
+    def resumed_dir(self) -> Path:
+        return self.job_dir / RESUMED_FOLDER
 
     @property
     def server_log(self) -> Path:
@@ -163,7 +168,7 @@ def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, val
     if not paths.best_model.is_file():
         raise JobResultError(f"no best model at {paths.best_model}: no round after round 0 reported a finite val_dice")
     best = best_round_of(rounds)
-    if paths.metrics_summary.is_file():
+    if paths.metrics_summary.is_file() and not paths.resumed_dir.is_dir():  # a resumed job's covers its last part
         reported = json.loads(paths.metrics_summary.read_text()).get("best_round")
         if reported is not None and int(reported) != best:
             raise JobResultError(f"NVFlare reports best round {reported} but the round metrics peak at round {best}")
@@ -186,3 +191,20 @@ def first_client_error(workspace_root: Path, job_name: str) -> str | None:
                 found.append(f"{log.parent.name}: {line.strip()}")
     root_causes = [f for f in found if "abort" not in f and "RuntimeError: applying transform" not in f]
     return (root_causes or found or [None])[0]
+
+
+def early_stop_of(server_log: Path) -> tuple[str, int] | None:
+    """(which early-stopping rule ended the run, at which round) from NVFlare 2.9's FedAvg log lines; None if no
+    rule did."""
+    if not server_log.is_file():
+        return None
+    rule = None
+    for line in server_log.read_text(errors="replace").splitlines():
+        if "Early stop condition satisfied:" in line:
+            rule = f"--stop_dice ({line.split('satisfied:', 1)[1].strip()})"
+        elif "Exceeded the number of FL rounds" in line and "without improvements" in line:
+            rounds = line.split("FL rounds (", 1)[1].split(")", 1)[0]
+            rule = f"--patience ({rounds} rounds without a better val_dice)"
+        elif "Stopping at round=" in line and rule:
+            return rule, int(line.split("Stopping at round=", 1)[1].split()[0])
+    return None

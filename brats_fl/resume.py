@@ -11,13 +11,34 @@ if a round of the continuation beat every earlier round. Records of a round that
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import tempfile
+from dataclasses import fields, replace
 from pathlib import Path
 
-from brats_fl.job_results import GLOBAL_MODEL_FILE, JobPaths, RoundMetrics, best_round_of, read_round_metrics
+from brats_fl.job_results import (
+    GLOBAL_MODEL_FILE,
+    JobPaths,
+    RoundMetrics,
+    best_round_of,
+    early_stop_of,
+    read_round_metrics,
+)
+from brats_fl.recipes import StartPoint
+from brats_fl.settings import KEY_METRIC, SETTINGS_FILE, SettingsError, TrainingSettings
 
-RESUMED_FOLDER = "resumed"
+FOLDED_MARKER = "folded_into_job"  # written in a continuation's folder once its outputs are in the job's
+# Flags --resume accepts besides the job folder: how and where the continuation runs, and when it stops. Any other
+# flag must agree with the settings the job started with (they are read from the job).
+RESUME_MAY_SET = {
+    "resume", "gpu", "threads", "num_workers", "cache_dir", "no_cache", "no_amp",
+    "dataset_base_dir", "stop_after_round", "stop_dice", "patience", "no_final_eval",
+}  # fmt: skip
+
+
+class ResumeError(ValueError):
+    """The folder cannot be resumed; the message says why and what to do."""
 
 
 def part_name(start_round: int) -> str:
@@ -26,7 +47,7 @@ def part_name(start_round: int) -> str:
 
 def part_paths(job: JobPaths, start_round: int) -> JobPaths:
     """Where the continuation from start_round runs."""
-    return JobPaths(job.job_dir / RESUMED_FOLDER, part_name(start_round))
+    return JobPaths(job.resumed_dir, part_name(start_round))
 
 
 def completed_rounds(paths: JobPaths) -> list[RoundMetrics]:
@@ -48,8 +69,37 @@ def last_model_round(paths: JobPaths) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["round"])
 
 
+def start_point(job: JobPaths, what: str = "--resume") -> StartPoint:
+    """Where a resumed job starts: the round after its last saved global model, with the early-stopping state and
+    the privacy report of the rounds before."""
+    fold_pending_parts(job)
+    last = last_model_round(job)
+    if last < 0:
+        raise ResumeError(
+            f"{what}: {job.last_global_model} is missing: the job saved no global model (it stopped before its "
+            "first round ended, or an older version made it); start it again without --resume"
+        )
+    rounds = [r for r in completed_rounds(job) if r.round <= last]
+    best = best_round_of(rounds)
+    best_value = next((r.metrics[KEY_METRIC] for r in rounds if r.round == best), None)
+    return StartPoint(
+        round=last + 1,
+        initial_ckpt=job.last_global_model,
+        privacy_report=job.privacy_report if job.privacy_report.is_file() else None,
+        best_value=best_value,
+        rounds_without_improvement=last - best if best >= 0 else 0,
+    )
+
+
+def fold_pending_parts(job: JobPaths) -> None:
+    """Fold every continuation not folded yet (job.py was killed before it could), in round order."""
+    for start_round, part in resumed_parts(job):
+        if not (part.job_dir / FOLDED_MARKER).is_file():
+            fold_part_into_job(job, part, start_round)
+
+
 def fold_part_into_job(job: JobPaths, part: JobPaths, start_round: int) -> None:
-    """Fold a continuation's outputs into the job's folder (see the module docstring)."""
+    """Fold a continuation's outputs into the job's folder (see the module docstring); marks the part as folded."""
     job.server_job_dir.mkdir(parents=True, exist_ok=True)
     earlier = [r for r in completed_rounds(job) if r.round < start_round]
     later = [r for r in completed_rounds(part) if r.round >= start_round]
@@ -62,6 +112,8 @@ def fold_part_into_job(job: JobPaths, part: JobPaths, start_round: int) -> None:
     merged = best_round_of(earlier + later)
     if merged >= start_round or best_before < 0:
         replace_with(part.best_model, job.best_model)
+    if part.job_dir.is_dir():
+        (part.job_dir / FOLDED_MARKER).touch()
 
 
 def write_round_records(job_file: Path, part_file: Path, start_round: int) -> None:
@@ -130,10 +182,119 @@ def keep_only_steps_before(tb_dir: Path, step: int) -> None:
 
 def resumed_parts(job: JobPaths) -> list[tuple[int, JobPaths]]:
     """(start round, paths) of every continuation of the job, in order."""
-    folder = job.job_dir / RESUMED_FOLDER
+    folder = job.resumed_dir
     parts = []
     for d in folder.glob("from_round_*") if folder.is_dir() else []:
         suffix = d.name.removeprefix("from_round_")
         if suffix.isdigit():
             parts.append((int(suffix), JobPaths(folder, d.name)))
     return sorted(parts, key=lambda p: p[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What job.py checks before it resumes a job (or scores a job's model)
+# ---------------------------------------------------------------------------------------------------------------
+def settings_beside(checkpoint: Path) -> Path | None:
+    """The settings file of the job a checkpoint belongs to (its best model or its last global model), if any."""
+    for candidate in (checkpoint.parent / "custom", checkpoint.parent / "app_server" / "custom"):
+        if (candidate / SETTINGS_FILE).is_file():
+            return (candidate / SETTINGS_FILE).resolve()
+    return None
+
+
+def read_job_settings(job: JobPaths, what: str, path: Path | None = None) -> TrainingSettings:
+    path = path or job.settings_file
+    if not path.is_file():
+        raise ResumeError(f"{what}: no {path}: not the folder of a job made by job.py (<workspace>/<job_name>)")
+    try:
+        return TrainingSettings.read(path)
+    except SettingsError as e:
+        raise ResumeError(f"{what}: {e}") from None
+
+
+def count_sites(job_dir: Path, what: str) -> int:
+    n = sum(1 for d in job_dir.glob("site-*") if d.is_dir())
+    if n == 0:
+        raise ResumeError(f"{what}: no site-* folders in {job_dir}: not the folder of a job made by job.py")
+    return n
+
+
+def job_value(flag: str, settings: TrainingSettings, n_clients: int):
+    """What the job's settings say for a flag (a KeyError for flags that are not about training)."""
+    derived = {
+        "n_clients": n_clients,
+        "enable_dp": settings.dp_mechanism is not None,
+        "dp_mechanism": settings.dp_mechanism,
+        "validate_every_site": settings.validate_at == "every_site",
+        "datalist_json_path": settings.datalist_json_path,
+    }
+    if flag in derived:
+        return derived[flag]
+    if flag in {f.name for f in fields(TrainingSettings)}:
+        return getattr(settings, flag)
+    raise KeyError(flag)
+
+
+def refuse_changed_settings(
+    explicit: dict, settings: TrainingSettings, n_clients: int, allowed: set, what: str, why: str
+) -> None:
+    """ResumeError for the first given flag, outside allowed, that disagrees with the job's settings.
+
+    why: the sentence that ends the error (why the job's value holds)."""
+
+    def shown(value) -> str:
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    for flag, value in explicit.items():
+        if flag in allowed:
+            continue
+        try:
+            theirs = job_value(flag, settings, n_clients)
+        except KeyError:
+            raise ResumeError(f"{what}: --{flag} cannot be given here: the job folder fixes it") from None
+        same = (
+            Path(value).resolve() == Path(theirs or "").resolve()
+            if flag == "datalist_json_path"
+            else (tuple(value) == tuple(theirs) if isinstance(value, (list, tuple)) else value == theirs)
+        )
+        if not same:
+            raise ResumeError(f"{what}: --{flag} {shown(value)} differs from the job's {shown(theirs)}: {why}")
+
+
+def apply_resume_flags(settings: TrainingSettings, explicit: dict, torch_threads: int) -> TrainingSettings:
+    """The job's settings with the hardware, data-location and stopping flags of this command."""
+    changes = {"torch_threads": torch_threads}
+    for name in ("num_workers", "stop_dice", "patience"):
+        if name in explicit:
+            changes[name] = explicit[name]
+    if "dataset_base_dir" in explicit:
+        changes["dataset_base_dir"] = str(Path(explicit["dataset_base_dir"]).resolve())
+    if "cache_dir" in explicit:
+        changes["cache_dir"] = str(Path(explicit["cache_dir"]).resolve())
+    if explicit.get("no_cache"):
+        changes["cache_dir"] = None
+    if explicit.get("no_amp"):
+        changes["amp"] = False
+    return replace(settings, **changes)
+
+
+def job_end(job: JobPaths) -> str | None:
+    """How the job ended if an early-stopping rule ended it (in its first part or a resumed one), else None."""
+    for paths in [job, *(part for _, part in resumed_parts(job))]:
+        stop = early_stop_of(paths.server_log)
+        if stop:
+            return f"stopped early at round {stop[1]} by {stop[0]}"
+    return None
+
+
+def resume_command(job_dir: Path, explicit: dict) -> str:
+    """python job.py --resume <job folder>, with the given flags that the job folder does not keep."""
+    words = ["python", "job.py", "--resume", str(job_dir)]
+    for flag, value in explicit.items():
+        if flag not in RESUME_MAY_SET or flag in ("resume", "stop_after_round"):
+            continue
+        if value is True:
+            words.append(f"--{flag}")
+        elif value not in (False, None):
+            words += [f"--{flag}", str(value)]
+    return shlex.join(words)

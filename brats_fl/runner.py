@@ -14,9 +14,12 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from brats_fl.job_results import JobPaths, first_client_error
 
 GRACE_SECONDS = 10  # SIGTERM first; whatever still runs after this gets SIGKILL
 FATAL_MARKERS = ("Stopped ClientRunner due to FATAL_SYSTEM_ERROR",)
@@ -96,6 +99,7 @@ class Watchdog(threading.Thread):
         self.reason: str | None = None
         self._done = threading.Event()
         self._read_up_to: dict[Path, int] = {}  # logs grow for days: read each line once
+        self._since = time.time()  # a log last written before this is an earlier run's
 
     def run(self) -> None:
         while not self._done.wait(self.period):
@@ -107,8 +111,13 @@ class Watchdog(threading.Thread):
 
     def fatal_error(self) -> str | None:
         for log in sorted(self.job_dir.glob("site-*/log.txt")):
-            start = self._read_up_to.get(log, 0)
             try:
+                stat = log.stat()
+                if stat.st_mtime < self._since:
+                    continue
+                start = self._read_up_to.get(log, 0)
+                if stat.st_size < start:  # the simulator wiped the folder: a new log
+                    start = 0
                 with open(log, "rb") as f:
                     f.seek(start)
                     data = f.read()
@@ -133,3 +142,34 @@ def wait_for(condition, timeout: float, period: float = 0.5) -> bool:
             return True
         time.sleep(period)
     return bool(condition())
+
+
+@dataclass
+class RunOutcome:
+    """How a run in the simulator ended: normally (both None), stopped by a signal, or failed (why)."""
+
+    interrupted: JobInterrupted | None = None
+    error: str | None = None
+
+
+def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None) -> RunOutcome:
+    """Run the recipe as job paths.job_name in NVFlare's simulator under paths.workspace_root (which wipes the job's
+    folder first), stoppable by SIGINT/SIGTERM and watched for sites that died. With NVFlare's --export flag,
+    recipe.execute writes the job folder and raises SystemExit instead."""
+    from nvflare.recipe import SimEnv
+
+    env = SimEnv(num_clients=n_clients, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
+    watchdog = Watchdog(paths.job_dir)
+    try:
+        with stoppable(paths.job_dir):
+            watchdog.start()
+            recipe.execute(env)
+    except JobInterrupted as stop:
+        return RunOutcome(interrupted=stop)
+    except Exception as e:  # the simulator raises when an in-process site fails
+        return RunOutcome(error=first_client_error(paths.workspace_root, paths.job_name) or watchdog.reason or str(e))
+    finally:
+        watchdog.stop()
+    if watchdog.reason:
+        return RunOutcome(error=first_client_error(paths.workspace_root, paths.job_name) or watchdog.reason)
+    return RunOutcome()

@@ -58,6 +58,8 @@ class TrainingSettings:
     num_rounds: int = 600
     aggregation_epochs: int = 1
     centralised: bool = False  # one site training on site-All.json (job.py: --n_clients 1)
+    stop_dice: float | None = None  # stop once the global val_dice reaches this (None: never)
+    patience: int | None = None  # stop after this many rounds without a better val_dice (None: never)
     # training
     learning_rate: float = 1e-4
     fedproxloss_mu: float = 0.0
@@ -104,6 +106,10 @@ class TrainingSettings:
                 f"--num_rounds {self.num_rounds}: need >= 2 (round 0 validates the initial model, so a 1-round "
                 "job never writes a best model)"
             )
+        if self.stop_dice is not None and not 0.0 < self.stop_dice <= 1.0:
+            yield f"--stop_dice {self.stop_dice}: need a Dice in (0, 1]"
+        if self.patience is not None and self.patience < 1:
+            yield f"--patience {self.patience}: need >= 1 round"
         if self.aggregation_epochs < 1:
             yield f"--aggregation_epochs {self.aggregation_epochs}: need >= 1"
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -182,6 +188,8 @@ def describe_default(name: str) -> str:
     """'(default: X)' or '(default: X; demo: Y)' for a flag's --help."""
 
     def shown(value: Any) -> str:
+        if value is None:
+            return "off"
         return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
     text = f"default: {shown(default(name))}"

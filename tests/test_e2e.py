@@ -14,6 +14,7 @@ from recording_filter import UpdateRecorder
 import job
 from brats_fl.job_results import JobPaths, summarize_job
 from brats_fl.privacy.report import TB_TAG
+from brats_fl.runner import run_in_simulator
 from result_stat.tb_events import read_site_scalars
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +54,8 @@ def run_recorded(argv: list[str], record_dir: Path):
     recipe = job.build_recipe(inputs)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
     recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
-    job.run(inputs.args, recipe)
+    outcome = run_in_simulator(recipe, inputs.job, inputs.args.n_clients, inputs.args.threads, inputs.args.gpu)
+    assert outcome.error is None and outcome.interrupted is None, outcome
     return inputs.args
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import job
+from brats_fl.job_results import JobPaths
 from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 from model import BratsSegResNet, count_parameters
 
@@ -19,7 +20,7 @@ PAPER_PARAMETER_COUNT = 4_702_227
 def export_job(tmp_path: Path, *flags: str) -> Path:
     args = job.build_parser().parse_args(["--workspace", str(tmp_path / "ws"), *flags])
     job.check_job_flags(args)
-    inputs = job.JobInputs(args, job.settings_from_flags(args, demo=False), demo=False)
+    inputs = job.JobInputs(args, job.settings_from_flags(args, demo=False), JobPaths(tmp_path / "ws", args.job_name))
     job.build_recipe(inputs).export(job_dir=str(tmp_path / "exported"))
     return tmp_path / "exported" / args.job_name / "app"
 

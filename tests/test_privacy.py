@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import job
-from brats_fl import privacy
+from brats_fl import privacy, recipes
 from brats_fl.privacy import PrivacyConfigError, dpsgd, svt
 from brats_fl.privacy import __main__ as privacy_cli
 from brats_fl.privacy import report as privacy_report
@@ -54,7 +54,7 @@ def job_svt_filter(*flags: str):
     args = job.build_parser().parse_args(["--enable_dp", *flags])
     job.check_job_flags(args)
     recipe = Recorder()
-    job.add_privacy(recipe, job.settings_from_flags(args, demo=False), args.n_clients)
+    recipes.add_privacy(recipe, job.settings_from_flags(args, demo=False), args.n_clients, None)
     ((svt, tasks),) = recipe.filters
     return svt, tasks
 

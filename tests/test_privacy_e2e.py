@@ -14,9 +14,11 @@ from test_e2e import assert_complete_job, load_update, tiny_args
 
 import client
 import job
+from brats_fl import recipes
 from brats_fl.job_results import JobPaths, read_round_metrics
 from brats_fl.privacy import dpsgd, svt
 from brats_fl.privacy import report as privacy_report
+from brats_fl.runner import run_in_simulator
 from result_stat.tb_events import read_scalars, read_site_scalars
 
 pytestmark = pytest.mark.e2e
@@ -56,13 +58,14 @@ def assert_nothing_unprotected_arrived(record_dir: Path, rounds: int = 2) -> Non
 def run_svt_recorded(argv: list[str], record_dir: Path, monkeypatch):
     """The job exactly as job.py builds it, with a recorder before the SVT filter and one at the server's input."""
     inputs = job.prepare(argv)
-    add_privacy = job.add_privacy
-    monkeypatch.setattr(job, "add_privacy", lambda *_: None)  # added below, after the raw recorder
+    add_privacy = recipes.add_privacy
+    monkeypatch.setattr(recipes, "add_privacy", lambda *_: None)  # added below, after the raw recorder
     recipe = job.build_recipe(inputs)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
-    add_privacy(recipe, inputs.settings, inputs.args.n_clients)
+    add_privacy(recipe, inputs.settings, inputs.args.n_clients, None)
     record_arrivals(recipe, record_dir)
-    job.run(inputs.args, recipe)
+    outcome = run_in_simulator(recipe, inputs.job, inputs.args.n_clients, inputs.args.threads, inputs.args.gpu)
+    assert outcome.error is None and outcome.interrupted is None, outcome
     return inputs
 
 
@@ -74,7 +77,7 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
     summary = assert_complete_job(args, 2, training_tags=set())  # under DP the training statistics stay at the sites
     report = privacy_report.load_report(summary.paths.privacy_report)
     privacy_report.check_report(report, list(SITES), 2)  # one record per site and round, none unprotected
-    settings = job.svt_settings(inputs.settings)
+    settings = recipes.svt_settings(inputs.settings)
     assert report["mechanism"] == "svt" and report["settings"]["noise_var"] == settings.noise_var
     tb = read_site_scalars(summary.paths.tb_events)
     for site in SITES:
@@ -113,7 +116,7 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
     assert_nothing_unprotected_arrived(tmp_path / "rec")
     assert set(tb["site-1"]) == VALIDATION_METRICS | {privacy_report.TB_TAG}  # no train_loss at the server
     assert set(tb["site-2"]) == {privacy_report.TB_TAG}  # site-1 validates for all
-    lines = job.privacy_summary(summary.paths.privacy_report, inputs.settings, args.n_clients)
+    lines = job.privacy_summary(summary.paths.privacy_report, args.n_clients, 2)
     assert "privacy (SVT; pure DP, delta 0" in lines[0] and f"{report['max_epsilon']:.4g}" in lines[0]
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import job
 from brats_fl.privacy import dpsgd
+from brats_fl.recipes import stage_app_files
 from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 
 TINY = ["--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24", "--num_rounds", "2", "--n_clients", "2"]
@@ -70,7 +71,7 @@ def test_dpsgd_plans_every_site_before_the_job_and_hands_the_flags_to_the_client
     assert sorted(inputs.dpsgd_plans) == ["site-1", "site-2"]
     expected = dpsgd.plan_dpsgd(4, 2, 1, 4.0, None, 0.5)
     assert inputs.dpsgd_plans["site-1"] == expected
-    sent = TrainingSettings.read(job.stage_app_files(inputs.settings) / SETTINGS_FILE)  # what every site reads
+    sent = TrainingSettings.read(stage_app_files(inputs.settings) / SETTINGS_FILE)  # what every site reads
     assert (sent.dp_mechanism, sent.dp_target_epsilon, sent.dp_max_grad_norm, sent.num_rounds) == ("dpsgd", 4.0, 0.5, 2)
     assert sent.dp_delta is None  # each site derives the same per-site default
 
@@ -96,7 +97,7 @@ def test_sites_read_back_every_setting_the_job_sends(tiny_federation, tmp_path):
         "0.01",
     ]
     inputs = job.prepare(argv)
-    sent = TrainingSettings.read(job.stage_app_files(inputs.settings) / SETTINGS_FILE)
+    sent = TrainingSettings.read(stage_app_files(inputs.settings) / SETTINGS_FILE)
     assert sent == inputs.settings
     assert (sent.dp_mechanism, sent.dp_delta, sent.num_rounds) == ("dpsgd", 0.01, 2)
 

@@ -97,7 +97,8 @@ def test_rows_read_back_best_final_and_the_largest_site_epsilon(tmp_path):
     ledger = report.PrivacyLedger("dpsgd", {})
     for site, scale in (("site-1", 1.0), ("site-2", 2.0)):
         for r in range(3):
-            ledger.add_update(site, r, "WEIGHT_DIFF", {privacy.DPSGD_META: {"epsilon": scale * (r + 1), "delta": 0.01}})
+            record = {"epsilon": scale * (r + 1), "delta": 0.01, "steps_this_round": 1, "steps_so_far": r + 1}
+            ledger.add_update(site, r, "WEIGHT_DIFF", {privacy.DPSGD_META: record})
     fake_job(tmp_path, "sweep_dpsgd_eps_8", [0.1, 0.6, 0.5], ledger)
     fake_job(tmp_path, "sweep_no_dp", [0.1, 0.3, 0.7], None)
     configs = {c.name: c for c in sweep.build_configs(args)}
