@@ -7,12 +7,18 @@
 
 Each model (a job's best_FL_global_model.pt, or any checkpoint of BratsSegResNet) runs through the clients' own
 pipeline (brats_fl/pipeline.py: transforms, sliding-window inference, thresholds) on GPU when present, else CPU.
-Reported per region TC, WT, ET, with the BraTS conventions (brats_fl/metrics.py): Dice and HD95 in mm; a region
-empty in both prediction and truth scores Dice 1 / HD95 0, empty in exactly one scores Dice 0 / HD95 = the image
-diagonal (373.13 mm for BraTS volumes). Overall Dice = mean of the three regions. Like the paper's pipeline and
-the training-time validation, the network's three output channels are scored as they are; with
---score_label_maps the regions of the label map instead (ET inside TC inside WT, as --save_predictions writes it and
-the BraTS evaluator reads it), which differs when the channels are not nested.
+Scored per case and region TC, WT, ET as the BraTS challenge scores (brats_fl/metrics.py), means over the cases:
+
+  first table, the paper's: Dice per region and overall Dice (the mean of the three);
+  second table, per region: HD95, lesion-wise Dice and HD95 (BraTS 2023+), sensitivity, specificity, and with
+  --hd95_directed the project's earlier directed-max HD95. The columns' definitions are listed at the end.
+
+Empty regions: empty in prediction and truth scores Dice 1 / HD95 0 / lesion-wise 1 and 0 / sensitivity 1; empty in
+one only scores Dice 0 / HD95 = the image diagonal (373.13 mm for BraTS volumes; this project's cap, the BraTS 2023
+code uses 374 mm) / lesion-wise 0 and the diagonal / sensitivity 0. Like the paper's pipeline and the training-time
+validation, the network's three output channels are scored as they are; with --score_label_maps the regions of the
+label map instead (ET inside TC inside WT, as --save_predictions writes it and the BraTS evaluator reads it), which
+differs when the channels are not nested. The labels follow the datalist's et_label (ET = 3 for BraTS 2023+).
 
 The Dice that training logs (val_dice) differs in one rule only: a region absent from a case's truth is left out
 of that region's mean. It is recomputed too (column "Re-evaluated val_dice"), so the saved best model can be checked
@@ -29,6 +35,7 @@ import argparse
 import csv
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +45,7 @@ import torch
 import brats_fl.pipeline as bp
 from brats_fl import metrics as bm
 from brats_fl.cache import CaseCache
+from brats_fl.evaluation import case_id_of, spacing_of
 from brats_fl.job_results import JobPaths, best_round_of, read_round_metrics
 from brats_fl.settings import (
     CACHE_FOLDER,
@@ -55,32 +63,23 @@ from brats_fl.settings import (
 SHIPPED_DATALIST = SHIPPED_DATALIST_DIR / "site-All.json"
 JOB_SETTINGS = Path("custom") / SETTINGS_FILE  # the settings the job's sites used, next to the best model
 FIRST_CONV_KEY = "convInit.conv.weight"  # SegResNet's first conv: out-channels = init_filters
-SUMMARY_COLUMNS = (
-    "Configuration",
-    "Val Overall Dice",
-    "Val TC Dice",
-    "Val WT Dice",
-    "Val ET Dice",
-    "Val TC HD95 (mm)",
-    "Val WT HD95 (mm)",
-    "Val ET HD95 (mm)",
-)
+SUMMARY_COLUMNS = ("Configuration", "Val Overall Dice", "Val TC Dice", "Val WT Dice", "Val ET Dice")
+DETAIL_HEADINGS = {  # second table, per configuration and region: brats_fl.metrics.SCORE_KINDS but Dice
+    "hd95": "HD95 (mm)",
+    "hd95_directed": "HD95 directed-max (mm)",
+    "lesion_dice": "Lesion-wise Dice",
+    "lesion_hd95": "Lesion-wise HD95 (mm)",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+}
+DISTANCE_KINDS = ("hd95", "hd95_directed", "lesion_hd95")  # printed in mm with 2 decimals, the others with 4
 CSV_COLUMNS = (
     "configuration",
     "case_id",
     "dice_overall",
-    "dice_tc",
-    "dice_wt",
-    "dice_et",
-    "hd95_tc",
-    "hd95_wt",
-    "hd95_et",
-    "voxels_truth_tc",
-    "voxels_truth_wt",
-    "voxels_truth_et",
-    "voxels_pred_tc",
-    "voxels_pred_wt",
-    "voxels_pred_et",
+    *(f"{kind}_{region}" for kind in bm.SCORE_KINDS + bm.LESION_COUNT_KINDS for region in bp.REGIONS),
+    *(f"voxels_truth_{region}" for region in bp.REGIONS),
+    *(f"voxels_pred_{region}" for region in bp.REGIONS),
 )
 
 
@@ -107,7 +106,7 @@ class ModelSpec:
 @dataclass
 class CaseResult:
     case_id: str
-    scores: dict[str, float]  # BraTS convention (brats_metrics.region_scores)
+    scores: dict[str, float]  # brats_fl.metrics.region_scores: every score of every region
     training_rule_dice: np.ndarray  # brats_fl.pipeline.dice_per_region: nan where the truth of a region is empty
     voxels_truth: tuple[int, int, int]
     voxels_pred: tuple[int, int, int]
@@ -302,19 +301,6 @@ def load_model(model_path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def case_id_of(label_path: str | Path) -> str:
-    name = Path(label_path).name
-    for suffix in (".nii.gz", ".nii"):
-        name = name.removesuffix(suffix)
-    return name.removesuffix("_seg")
-
-
-def spacing_of(meta_tensor) -> tuple[float, ...]:
-    """Voxel size in mm of a (channel-first) MONAI MetaTensor, from its affine."""
-    affine = np.asarray(meta_tensor.affine, dtype=np.float64)
-    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-
-
 def nested_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
     """TC/WT/ET channels as a BraTS label map holds them (ET inside TC inside WT), i.e. what a viewer or the BraTS
     evaluator sees in the written prediction; the network's raw channels need not be nested."""
@@ -402,11 +388,7 @@ def evaluate_model(
                     case.prediction_file,
                 )
             result.cases.append(case)
-            s = case.scores
-            log(
-                f"  {spec.label} {case.case_id}: Dice TC {s['dice_tc']:.4f} WT {s['dice_wt']:.4f} "
-                f"ET {s['dice_et']:.4f}, HD95 TC {s['hd95_tc']:.2f} WT {s['hd95_wt']:.2f} ET {s['hd95_et']:.2f} mm"
-            )
+            log(f"  {spec.label} {case.case_id}: {case_line(case.scores)}")
     return result
 
 
@@ -419,10 +401,39 @@ def markdown_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -
     return "\n".join(lines)
 
 
+def case_line(scores: dict[str, float]) -> str:
+    """One case's Dice, HD95 and lesion-wise Dice per region, for the progress log."""
+    return "; ".join(
+        f"{r.upper()} Dice {scores[f'dice_{r}']:.4f} HD95 {scores[f'hd95_{r}']:.2f} mm "
+        f"lesion-wise Dice {scores[f'lesion_dice_{r}']:.4f}"
+        for r in bp.REGIONS
+    )
+
+
 def summary_row(result: ModelResult) -> list[str]:
-    dice = [f"{result.mean(k):.4f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et")]
-    hd95 = [f"{result.mean(k):.2f}" for k in ("hd95_tc", "hd95_wt", "hd95_et")]
-    return [result.spec.label, *dice, *hd95]
+    """The paper's table: overall Dice and Dice per region."""
+    return [result.spec.label, *(f"{result.mean(k):.4f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et"))]
+
+
+def detail_kinds(hd95_directed: bool) -> tuple[str, ...]:
+    """The score kinds of the second table, in brats_fl.metrics.SCORE_KINDS order; directed-max HD95 on request."""
+    return tuple(k for k in bm.SCORE_KINDS if k in DETAIL_HEADINGS and (hd95_directed or k != "hd95_directed"))
+
+
+def detail_rows(result: ModelResult, kinds: tuple[str, ...]) -> list[list[str]]:
+    """The second table's rows of one configuration: one per region, the mean over cases of each kind."""
+    rows = []
+    for region in bp.REGIONS:
+        cells = [f"{result.mean(f'{k}_{region}'):.{2 if k in DISTANCE_KINDS else 4}f}" for k in kinds]
+        rows.append([result.spec.label, region.upper(), *cells])
+    return rows
+
+
+def definitions_text(kinds: tuple[str, ...]) -> str:
+    """One line per column: what it computes and why (brats_fl.metrics.SCORE_DEFINITIONS)."""
+    names = {"dice": "Dice", **DETAIL_HEADINGS}
+    lines = [f"- {names[k]}: {bm.SCORE_DEFINITIONS[k]}." for k in ("dice", *kinds)]
+    return "\n".join(textwrap.fill(line, 116, subsequent_indent="  ", break_on_hyphens=False) for line in lines)
 
 
 def logged_best(spec: ModelSpec) -> tuple[int, float] | None:
@@ -447,39 +458,58 @@ def check_row(result: ModelResult) -> list[str]:
     ]
 
 
-def render_summary(results: list[ModelResult], score_label_maps: bool = False) -> str:
+def render_summary(results: list[ModelResult], score_label_maps: bool = False, hd95_directed: bool = False) -> str:
+    kinds = detail_kinds(hd95_directed)
     main_table = markdown_table(SUMMARY_COLUMNS, [summary_row(r) for r in results])
+    detail_table = markdown_table(
+        ("Configuration", "Region", *(DETAIL_HEADINGS[k] for k in kinds)),
+        [row for r in results for row in detail_rows(r, kinds)],
+    )
     check_table = markdown_table(
         ("Configuration", "Cases", "Best round", "Logged val_dice", "Re-evaluated val_dice"),
         [check_row(r) for r in results],
     )
     return (
         f"Validation results of the {'label maps (nested regions)' if score_label_maps else 'network channels'}, "
-        "BraTS conventions (mean over cases; empty region in prediction and truth: Dice 1, HD95 0; in one only: "
-        "Dice 0, HD95 = image diagonal):\n\n"
+        "BraTS conventions (mean over cases; empty region in prediction and truth: Dice 1; in one only: Dice 0):\n\n"
         f"{main_table}\n\n"
+        "Distances, lesion-wise scores (BraTS 2023+), sensitivity and specificity (mean over cases). A distance that "
+        "cannot be measured (a region empty in prediction or truth only, a missed or a false-positive lesion) is the "
+        f"image diagonal, {bm.BRATS_IMAGE_DIAGONAL_MM} mm on BraTS volumes: this project's cap, where the BraTS 2023 "
+        "code uses 374 mm:\n\n"
+        f"{detail_table}\n\n"
+        f"{definitions_text(kinds)}\n\n"
         "Training-time rule (regions absent from a case's truth left out), to compare with the job's log:\n\n"
         f"{check_table}\n"
     )
 
 
 def write_per_case_csv(results: list[ModelResult], path: Path) -> None:
+    """Every score of every case: the columns of CSV_COLUMNS."""
+    score_keys = CSV_COLUMNS[2 : -2 * len(bp.REGIONS)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for result in results:
             for case in result.cases:
-                s = case.scores
                 writer.writerow(
                     [
                         result.spec.label,
                         case.case_id,
-                        *(f"{s[k]:.6f}" for k in ("dice_overall", "dice_tc", "dice_wt", "dice_et")),
-                        *(f"{s[k]:.4f}" for k in ("hd95_tc", "hd95_wt", "hd95_et")),
+                        *(csv_value(key, case.scores[key]) for key in score_keys),
                         *case.voxels_truth,
                         *case.voxels_pred,
                     ]
                 )
+
+
+def csv_value(key: str, value: float) -> str:
+    """Distances in mm with 4 decimals, lesion counts as integers, ratios with 6 decimals."""
+    if key.startswith(tuple(f"{k}_" for k in bm.LESION_COUNT_KINDS)):
+        return str(int(value))
+    if key.startswith(tuple(f"{k}_" for k in DISTANCE_KINDS)):
+        return f"{value:.4f}"
+    return f"{value:.6f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,7 +517,10 @@ def write_per_case_csv(results: list[ModelResult], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m result_stat.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m result_stat.evaluate",
+        description=__doc__,
+        epilog="Columns (brats_fl/metrics.py; docs/evaluation.md says more):\n" + definitions_text(detail_kinds(True)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("models (default: the paper's jobs found under --workspace)")
     what.add_argument(
@@ -557,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the label maps' nested regions (ET in TC in WT) instead of the network's channels: "
         "what the BraTS evaluator gives for the --save_predictions files",
     )
+    out.add_argument(
+        "--hd95_directed",
+        action="store_true",
+        help="add the directed-max HD95 (the larger of the two directed 95th percentiles: the HD95 this project "
+        "reported before) to the second table, next to the official pooled HD95; per_case.csv always has both",
+    )
     return p
 
 
@@ -600,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             evaluate_model(model, spec, device, use_amp, prediction_dir, score_label_maps=args.score_label_maps)
         )
-    summary = render_summary(results, args.score_label_maps)
+    summary = render_summary(results, args.score_label_maps, args.hd95_directed)
     write_per_case_csv(results, output_dir / "per_case.csv")
     (output_dir / "summary.md").write_text(summary)
     print()

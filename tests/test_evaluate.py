@@ -91,6 +91,101 @@ def test_case_id_of_brats_file_names():
     assert ev.case_id_of("/x/BraTS-GLI-00000-000-seg.nii.gz") == "BraTS-GLI-00000-000-seg"
 
 
+# --- reports -------------------------------------------------------------------------------------------------------
+def fake_result(label: str, n_cases: int = 2) -> ev.ModelResult:
+    """A ModelResult of hand-made cases: a perfect one, then cases with a shifted TC and a false-positive ET voxel."""
+    shape = (16, 16, 16)
+    truth = np.zeros((3, *shape), dtype=bool)
+    truth[0, 5:9, 5:9, 5:9] = truth[1, 3:12, 3:12, 3:12] = True
+    result = ev.ModelResult(ev.ModelSpec(label, Path(f"/nowhere/{label}.pt")))
+    for case in range(n_cases):
+        pred = truth.copy()
+        if case:
+            pred[0] = np.roll(truth[0], case, axis=0)
+            pred[2, 1, 1, 1] = True
+        result.cases.append(
+            ev.CaseResult(
+                case_id=f"case{case}",
+                scores=bm.region_scores(pred, truth, (1.0, 1.0, 1.0), bp.REGIONS),
+                training_rule_dice=bp.dice_per_region(torch.as_tensor(pred), torch.as_tensor(truth)),
+                voxels_truth=tuple(int(v) for v in truth.reshape(3, -1).sum(axis=1)),
+                voxels_pred=tuple(int(v) for v in pred.reshape(3, -1).sum(axis=1)),
+            )
+        )
+    return result
+
+
+def table_after(text: str, header_start: str) -> list[list[str]]:
+    """The cells of the markdown table whose header line starts with header_start, header row first."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    table = [lines[start]]
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table]
+
+
+def test_summary_prints_the_papers_dice_table_then_distances_lesion_wise_and_voxel_rates():
+    results = [fake_result("a"), fake_result("b", n_cases=3)]
+    summary = ev.render_summary(results, score_label_maps=True)
+    paper = table_after(summary, "| Configuration | Val Overall Dice")
+    assert paper[0] == list(ev.SUMMARY_COLUMNS)
+    assert [row[0] for row in paper[1:]] == ["a", "b"]
+    assert float(paper[2][1]) == pytest.approx(results[1].mean("dice_overall"), abs=5e-5)
+    detail = table_after(summary, "| Configuration | Region |")
+    kinds = ("hd95", "lesion_dice", "lesion_hd95", "sensitivity", "specificity")
+    assert detail[0] == ["Configuration", "Region", *(ev.DETAIL_HEADINGS[k] for k in kinds)]
+    assert [row[:2] for row in detail[1:]] == [[c, r] for c in "ab" for r in ("TC", "WT", "ET")]
+    et_of_b = detail[6][2:]
+    for cell, kind in zip(et_of_b, kinds, strict=True):
+        assert float(cell) == pytest.approx(results[1].mean(f"{kind}_et"), abs=0.006)
+    assert summary.index("| Configuration | Val Overall Dice") < summary.index("| Configuration | Region |")
+    assert "373.13 mm" in summary and "374 mm" in summary  # the project's cap, said next to the table
+    for kind in ("dice", *kinds):
+        assert bm.SCORE_DEFINITIONS[kind].split()[0] in summary
+    assert "| Configuration | Cases | Best round | Logged val_dice | Re-evaluated val_dice |" in summary
+
+
+def test_directed_hd95_column_only_on_request():
+    results = [fake_result("a")]
+    assert "HD95 directed-max (mm)" not in ev.render_summary(results)
+    detail = table_after(ev.render_summary(results, hd95_directed=True), "| Configuration | Region |")
+    assert detail[0][2:4] == ["HD95 (mm)", "HD95 directed-max (mm)"]
+    tc_pooled, tc_directed = (float(v) for v in detail[1][2:4])
+    assert tc_pooled <= tc_directed
+
+
+def test_per_case_csv_carries_every_score_of_every_case(tmp_path):
+    results = [fake_result("a"), fake_result("b", n_cases=3)]
+    ev.write_per_case_csv(results, tmp_path / "per_case.csv")
+    with open(tmp_path / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(ev.CSV_COLUMNS)
+    assert [(r["configuration"], r["case_id"]) for r in rows] == [
+        ("a", "case0"),
+        ("a", "case1"),
+        ("b", "case0"),
+        ("b", "case1"),
+        ("b", "case2"),
+    ]
+    for row, case in zip(rows, [c for r in results for c in r.cases], strict=True):
+        for key, value in case.scores.items():
+            assert float(row[key]) == pytest.approx(value, abs=1e-4), key
+    assert rows[1]["lesion_fp_et"] == "1" and rows[1]["lesion_tp_tc"] == "1"
+
+
+def test_help_says_which_definition_each_column_uses(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for kind, heading in {"dice": "Dice", **ev.DETAIL_HEADINGS}.items():
+        assert f"- {heading}: " in text
+        assert " ".join(bm.SCORE_DEFINITIONS[kind].split()) in text
+    assert "--hd95_directed" in text
+
+
 # --- bad input -----------------------------------------------------------------------------------------------------
 def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
     cases = [
@@ -221,6 +316,7 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
     with open(out / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ["Brats18_SYN_008_1", "Brats18_SYN_009_1"]
+    assert list(rows[0]) == list(ev.CSV_COLUMNS)
     for row in rows:
         regions = [float(row[f"dice_{r}"]) for r in ("tc", "wt", "et")]
         assert float(row["dice_overall"]) == pytest.approx(np.mean(regions), abs=1e-6)
@@ -232,17 +328,26 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
         predicted = bp.labels_to_regions(np.asarray(nib.load(predicted_file).dataobj))
         for i, region in enumerate(bp.REGIONS):
             assert int(predicted[i].sum()) == int(row[f"voxels_pred_{region}"])
-            assert bm.dice_brats(predicted[i], truth[i]) == pytest.approx(float(row[f"dice_{region}"]), abs=1e-6)
-            assert bm.hausdorff_percentile(predicted[i], truth[i], (1.0, 1.0, 1.0)) == pytest.approx(
-                float(row[f"hd95_{region}"]), abs=1e-3
-            )
+            # every score of the file, recomputed from the files on disk (the BraTS evaluator's view)
+            expected = bm.single_region_scores(predicted[i], truth[i], (1.0, 1.0, 1.0))
+            for kind in bm.SCORE_KINDS + bm.LESION_COUNT_KINDS:
+                assert float(row[f"{kind}_{region}"]) == pytest.approx(expected[kind], abs=1e-3), (kind, region)
     summary = (out / "summary.md").read_text()
     header = "| " + " | ".join(ev.SUMMARY_COLUMNS) + " |"
     assert header in summary and header in done.stdout
     table_row = next(line for line in summary.splitlines() if line.startswith(f"| {tiny_job.job_name} | "))
     cells = [c.strip() for c in table_row.strip("|").split("|")]
-    for cell, key in zip(cells[1:], ("dice_overall", "dice_tc", "dice_wt", "dice_et", "hd95_tc", "hd95_wt", "hd95_et")):
+    for cell, key in zip(cells[1:], ("dice_overall", "dice_tc", "dice_wt", "dice_et"), strict=True):
         assert float(cell) == pytest.approx(np.mean([float(r[key]) for r in rows]), abs=0.006)
+    # the second table: one row per region, the means of the per-case values
+    kinds = ev.detail_kinds(hd95_directed=False)
+    assert "| Configuration | Region | " + " | ".join(ev.DETAIL_HEADINGS[k] for k in kinds) + " |" in done.stdout
+    for region in bp.REGIONS:
+        line = next(x for x in summary.splitlines() if x.startswith(f"| {tiny_job.job_name} | {region.upper()} | "))
+        cells = [c.strip() for c in line.strip("|").split("|")][2:]
+        for cell, kind in zip(cells, kinds, strict=True):
+            mean = np.mean([float(r[f"{kind}_{region}"]) for r in rows])
+            assert float(cell) == pytest.approx(mean, abs=0.006), (kind, region)
     rounds = read_round_metrics(tiny_job.round_metrics)
     best = best_round_of(rounds)
     logged_best = next(r.metrics["val_dice"] for r in rounds if r.round == best)
@@ -274,7 +379,16 @@ def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job,
     assert "skipping brats18_4_dp: not run" in done.stdout
     assert "skipping brats18_4_dpsgd: not run" in done.stdout
     assert f"| {tiny_job.job_name} | " in done.stdout
-    assert (tmp_path / "per_case.csv").is_file()
+    # job.py's final evaluation at the sites scored the same best model on the same cases: the same numbers
+    with open(tmp_path / "per_case.csv") as f:
+        here = {r["case_id"]: r for r in csv.DictReader(f)}
+    with open(tiny_job.final_evaluation_csv) as f:
+        at_sites = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert sorted(here) == sorted(at_sites) == ["Brats18_SYN_008_1", "Brats18_SYN_009_1"]
+    for case, row in at_sites.items():
+        for region in bp.REGIONS:
+            assert float(row[f"dice_{region}"]) == pytest.approx(float(here[case][f"dice_{region}"]), abs=1e-4)
+            assert float(row[f"hd95_{region}"]) == pytest.approx(float(here[case][f"hd95_{region}"]), abs=1e-4)
 
 
 def test_shell_script_without_any_job_exits_2(tmp_path):
