@@ -44,6 +44,7 @@ def tiny_args(data_dir: Path, datalist_dir: Path, workspace: Path, *extra: str) 
         "8",
         "--learning_rate",
         "1e-3",
+        "--no_final_eval",  # tested with the shared tiny job (tests/test_final_evaluation.py)
         *extra,
     ]
 
