@@ -390,13 +390,29 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
 
     try:
         if args.resume:
-            return prepare_resume(args, explicit)
-        job_settings = settings_beside(Path(args.evaluate)) if args.evaluate else None
-        if job_settings:
-            return prepare_evaluation_of_job_model(args, explicit, job_settings)
-        return prepare_new_job(args, explicit)
+            inputs = prepare_resume(args, explicit)
+        elif args.evaluate and settings_beside(Path(args.evaluate)):
+            inputs = prepare_evaluation_of_job_model(args, explicit, settings_beside(Path(args.evaluate)))
+        else:
+            inputs = prepare_new_job(args, explicit)
     except ResumeError as e:
         raise InputError(str(e)) from None
+    check_not_running(inputs.job.job_dir)
+    return inputs
+
+
+def check_not_running(job_dir: Path) -> None:
+    """A job whose simulator still runs (its job.py was killed outright) must not be started or resumed again: the
+    new run would wipe or fold the folder the old one writes to."""
+    from brats_fl.runner import job_processes_elsewhere
+
+    running = job_processes_elsewhere(job_dir)
+    if running:
+        pids = " ".join(str(p.pid) for p in running)
+        raise InputError(
+            f"{job_dir}: {len(running)} NVFlare process(es) of an earlier run of this job are still running; "
+            f"stop them first (kill {pids}) or choose another --job_name"
+        )
 
 
 def checked(settings: TrainingSettings) -> TrainingSettings:
@@ -689,7 +705,9 @@ def evaluate_at_sites(inputs: JobInputs, checkpoint: Path, eval_paths: JobPaths,
 
 def final_evaluation_lines(output: JobPaths, table: Path) -> list[str]:
     return [
-        f"  final evaluation at the sites (means; every case in {output.final_evaluation_csv}):",
+        "  final evaluation of the best model at the sites (means over cases, BraTS conventions: a region empty in "
+        "truth and prediction scores Dice 1, in one only 0;",
+        f"  every score of every case in {output.final_evaluation_csv}):",
         *(f"    {line}" for line in table.read_text().splitlines()),
     ]
 

@@ -82,8 +82,15 @@ def table_rows(per_site: dict[str, dict[str, dict]]) -> list[tuple[str, int, dic
     return rows
 
 
+def heading(score: str) -> str:
+    """'dice_tc' -> 'TC Dice', 'hd95_et' -> 'ET HD95 (mm)', 'dice_overall' -> 'Overall Dice'."""
+    kind, region = score.split("_", 1)
+    return f"{region.upper() if region != 'overall' else 'Overall'} {'Dice' if kind == 'dice' else 'HD95 (mm)'}"
+
+
 def render_table(per_site: dict[str, dict[str, dict]]) -> str:
-    header = ["Site", "Cases", *TABLE_SCORES]
+    """Markdown: per site (and over all sites) the mean of each table score over its cases."""
+    header = ["Site", "Cases", *(heading(k) for k in TABLE_SCORES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for site, n, means in table_rows(per_site):
         values = [f"{means[k]:.4f}" if k.startswith("dice") else f"{means[k]:.2f}" for k in TABLE_SCORES]

@@ -37,19 +37,27 @@ class JobInterrupted(BaseException):
         return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
 
 
-def processes_of(job_dir: Path) -> list[psutil.Process]:
-    """This process's descendants, and any process whose command line names the job's folder (a descendant whose
-    parent died is re-parented and would be missed otherwise)."""
+def job_processes_elsewhere(job_dir: Path) -> list[psutil.Process]:
+    """NVFlare processes whose command line names the job's folder and that this process did not start: a
+    descendant whose parent died is re-parented, and a run whose job.py was killed outright leaves its simulator
+    running. (A TensorBoard or an editor on the folder is not an NVFlare process and is left alone.)"""
     me = psutil.Process()
-    found = {p.pid: p for p in me.children(recursive=True)}
+    mine = {me.pid, *(p.pid for p in me.children(recursive=True))}
     marker = str(job_dir)
+    found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if p.pid != me.pid and any(marker in part for part in (p.info["cmdline"] or [])):
-                found.setdefault(p.pid, p)
+            words = p.info["cmdline"] or []
+            if p.pid not in mine and any("nvflare" in w for w in words) and any(marker in w for w in words):
+                found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return list(found.values())
+    return found
+
+
+def processes_of(job_dir: Path) -> list[psutil.Process]:
+    """This process's descendants, and the job's NVFlare processes it lost track of."""
+    return [*psutil.Process().children(recursive=True), *job_processes_elsewhere(job_dir)]
 
 
 def stop_processes(processes: list[psutil.Process], grace: float = GRACE_SECONDS) -> None:
