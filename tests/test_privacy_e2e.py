@@ -141,8 +141,8 @@ def test_dpsgd_job_spends_its_target_and_keeps_training_statistics_at_the_sites(
     )
     build = job.build_recipe
 
-    def build_and_record(inputs):
-        recipe = build(inputs)
+    def build_and_record(*args):
+        recipe = build(*args)
         record_arrivals(recipe, tmp_path / "rec")
         return recipe
 

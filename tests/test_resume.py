@@ -238,9 +238,12 @@ def test_leaving_the_block_stops_descendants_even_those_in_sessions_of_their_own
     marker = tmp_path / "job"
     marker.mkdir()
     script = (
-        f"import subprocess, time; subprocess.Popen(['sleep', '300', '{marker}'], start_new_session=True); "
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', '{marker}'], "
+        "start_new_session=True); "
         "time.sleep(300)"
-    )  # a child, and a grandchild in a session of its own (as NVFlare's simulator starts its processes)
+    )  # a child, and a grandchild in a session of its own (as NVFlare's simulator starts its processes); a Python
+    # sleeper because coreutils' sleep refuses the extra argument that names the job
     with pytest.raises(JobInterrupted) as stopped, stoppable(marker):
         child = subprocess.Popen([sys.executable, "-c", script])
         deadline = time.monotonic() + 20
