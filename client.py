@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,22 @@ import brats_fl.pipeline as bp
 from brats_fl.cache import CaseCache
 from brats_fl.evaluation import CASES_KEY, score_cases
 from brats_fl.privacy import DPSGD_META, dpsgd
-from brats_fl.settings import SETTINGS_FILE, TrainingSettings
+from brats_fl.settings import SETTINGS_FILE, SITE_FAILURE_META, TrainingSettings
+from brats_fl.site_data import read_site_data
 from model import BratsSegResNet
 
 LOCAL_EVENTS_DIR = "local_tb_events"  # with DP: the site's training statistics, kept in the site's job folder
+
+
+def site_job_dir() -> Path:
+    """This job's folder at the site: NVFlare runs this file from <site workspace>/<job id>/app_<site>/custom/ (the
+    simulator: <workspace>/<job>/site-N/simulate_job/app_site-N/custom/)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def site_workspace() -> Path:
+    """The site's own folder (its startup kit's): its local/ settings and its case cache outlive the job."""
+    return site_job_dir().parent
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,19 +105,28 @@ def set_cpu_threads(settings: TrainingSettings, site_name: str) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
+def site_data(settings: TrainingSettings, site_name: str) -> tuple[str, Path]:
+    """(dataset root, the site's datalist file): from the job in the simulator, from the site's own data setting in a
+    POC or a real deployment (brats_fl/site_data.py), where the job carries no path."""
+    if settings.dataset_base_dir is not None:
+        name = "site-All" if settings.centralised else site_name
+        return settings.dataset_base_dir, Path(settings.datalist_json_path) / f"{name}.json"
+    data = read_site_data(site_name, site_workspace())
+    return str(data.dataset_base_dir), data.datalist
+
+
 def site_datalist(settings: TrainingSettings, site_name: str) -> dict:
-    return bp.read_datalist(
-        Path(settings.datalist_json_path) / f"{'site-All' if settings.centralised else site_name}.json"
-    )
+    return bp.read_datalist(site_data(settings, site_name)[1])
 
 
 def site_loader(settings: TrainingSettings, site_name: str, device: torch.device, part: str, steps, shuffle: bool):
     """A loader over one part ("training" or "validation") of the site's datalist; preprocessed cases come from the
     disk cache shared by every site and round on this machine when the settings name one. Each loader draws from its
     own generator, so whether this site validates changes nothing in its training."""
-    datalist = site_datalist(settings, site_name)
-    cache = CaseCache(settings.cache_dir) if settings.cache_dir else None
-    entries = bp.resolve_entries(datalist[part], settings.dataset_base_dir)
+    base_dir, datalist_file = site_data(settings, site_name)
+    datalist = bp.read_datalist(datalist_file)
+    cache = CaseCache(site_workspace() / settings.cache_dir) if settings.cache_dir else None  # relative: site-local
+    entries = bp.resolve_entries(datalist[part], base_dir)
     dataset = bp.make_dataset(entries, steps, cache, settings.cache_dataset, bp.datalist_et_label(datalist))
     generator = torch.Generator().manual_seed(site_seed(settings, site_name))
     return bp.make_loader(
@@ -250,7 +272,7 @@ def training_statistics_writer(settings: TrainingSettings, to_server: SummaryWri
         return to_server
     from torch.utils.tensorboard import SummaryWriter as LocalSummaryWriter
 
-    return LocalSummaryWriter(log_dir=str(Path(__file__).resolve().parents[2] / LOCAL_EVENTS_DIR))
+    return LocalSummaryWriter(log_dir=str(site_job_dir() / LOCAL_EVENTS_DIR))
 
 
 def log_round(to_server, training_writer, round_num: int, metrics: dict[str, float], train_loss: float, steps: int):
@@ -305,6 +327,20 @@ def train_and_report(site: Site, input_model, to_server, training_writer, backgr
     flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 
+def report_failure(site_name: str, error: BaseException) -> None:
+    """Send the exception that stops this site as the task's result, so that the server ends the job with it
+    (brats_fl/fl_components.py: SiteFailureWatcher) and the submitter sees it, even in a deployment where the site's
+    logs stay at the site. (Raising instead makes NVFlare report the task as aborted, without the reason.) The
+    innermost cause is what says why (MONAI wraps a transform's error)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = (str(error).strip().splitlines() or [""])[0][:500]
+    try:
+        flare.send(flare.FLModel(metrics={}, meta={SITE_FAILURE_META: f"{site_name}: {type(error).__name__}: {text}"}))
+    except Exception:  # the connection may be what failed; the site's own log still has the error
+        pass
+
+
 def main() -> None:
     settings = TrainingSettings.read(Path(__file__).with_name(SETTINGS_FILE))
     flare.init()
@@ -316,14 +352,19 @@ def main() -> None:
         input_model = flare.receive()
         if input_model is None:
             break
-        if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --evaluate)
-            flare.send(flare.FLModel(metrics=final_evaluation(settings, site_name, input_model.params)))
-            continue
-        if site is None:
-            site = set_up_site(settings, site_name)
-            to_server = SummaryWriter()  # NVFlare's tracking writer: events stream to the server's tb_events/<site>
-            training_writer = training_statistics_writer(settings, to_server)
-        train_and_report(site, input_model, to_server, training_writer, background)
+        try:
+            if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --evaluate)
+                flare.send(flare.FLModel(metrics=final_evaluation(settings, site_name, input_model.params)))
+                continue
+            if site is None:
+                site = set_up_site(settings, site_name)
+                to_server = SummaryWriter()  # NVFlare's tracking writer: events stream to the server's tb_events/
+                training_writer = training_statistics_writer(settings, to_server)
+            train_and_report(site, input_model, to_server, training_writer, background)
+        except Exception as e:
+            traceback.print_exc()  # into the site's own log
+            report_failure(site_name, e)  # and to the server, which ends the job with it
+            return
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import nvflare.recipe  # noqa: F401
 
 from brats_fl.job_results import JobPaths
 from brats_fl.recipes import StartPoint
+from brats_fl.runner import ENVIRONMENTS
 from brats_fl.settings import (
     CACHE_FOLDER,
     DEFAULT_WORKSPACE,
@@ -46,6 +47,7 @@ from brats_fl.settings import (
     default_job_name,
     describe_default,
 )
+from brats_fl.site_data import DATA_CONFIG_ENV
 
 MAX_DEFAULT_WORKERS = 8
 FINAL_EVALUATION_JOB = "final_evaluation"  # <job>/final_evaluation/: the evaluation job run after training
@@ -122,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--datalist_json_path",
         help="folder with site-1.json ... site-N.json and site-All.json (default with "
         f"--dataset_base_dir: the paper's split in {SHIPPED_DATALIST_DIR.relative_to(REPO_DIR)})",
+    )
+
+    dep = p.add_argument_group("deployment (see docs/deployment.md)")
+    dep.add_argument(
+        "--env",
+        choices=ENVIRONMENTS,
+        default="sim",
+        help="sim: NVFlare's simulator, every site on this machine; poc: a POC deployment NVFlare starts on this "
+        "machine (server and sites as separate processes talking over the network, removed afterwards); prod: submit "
+        "to a running provisioned project through --startup_kit. In poc and prod the job carries no data path: each "
+        "site reads its own data setting (BRATS_DATA_CONFIG or local/brats_data.json); for poc job.py writes them "
+        "from --dataset_base_dir (or the demo data) unless BRATS_DATA_CONFIG is already set. With the sites' own "
+        "data (prod, or poc with BRATS_DATA_CONFIG) the training flags default to the paper's values (default: sim)",
+    )
+    dep.add_argument(
+        "--startup_kit",
+        metavar="DIR",
+        help="with --env prod: the admin's startup kit of the provisioned project (the folder holding startup/)",
     )
 
     hw = p.add_argument_group("hardware")
@@ -241,6 +261,7 @@ class JobInputs:
     start: StartPoint = field(default_factory=StartPoint)  # a resumed job's starting round and state
     explicit: dict = field(default_factory=dict)  # the flags given on the command line, by name
     dpsgd_plans: dict = field(default_factory=dict)  # site name -> DPSGDPlan, with --dp_mechanism dpsgd
+    site_data_env: str | None = None  # --env poc: the BRATS_DATA_CONFIG value job.py set up for the sites
 
 
 def explicit_flags(argv: list[str] | None) -> dict:
@@ -263,12 +284,23 @@ def settings_from_flags(args: argparse.Namespace, demo: bool) -> TrainingSetting
         dp_mechanism=args.dp_mechanism if args.enable_dp else None,
         torch_threads=max(1, cores_per_site(args)),
         num_workers=default_workers(args) if args.num_workers is None else args.num_workers,
-        cache_dir=None if args.no_cache else str(Path(args.cache_dir or Path(args.workspace) / CACHE_FOLDER).resolve()),
+        cache_dir=cache_dir_setting(args),
         validate_at="every_site" if args.validate_every_site else "one_site",
         dataset_base_dir=None,  # filled in once the data is resolved
         datalist_json_path=None,
     )
     return TrainingSettings(**values)
+
+
+def cache_dir_setting(args: argparse.Namespace) -> str | None:
+    """The disk cache's folder: given, or <workspace>/preprocessed in the simulator; in a deployment by default a
+    relative path, which each site takes inside its own workspace (a path of the submitter's machine means nothing
+    there)."""
+    if args.no_cache:
+        return None
+    if args.cache_dir:
+        return str(Path(args.cache_dir).resolve())
+    return CACHE_FOLDER if args.env != "sim" else str((Path(args.workspace) / CACHE_FOLDER).resolve())
 
 
 def cores_per_site(args: argparse.Namespace) -> int:
@@ -295,10 +327,34 @@ def check_job_flags(args: argparse.Namespace) -> None:
             raise InputError(f"--gpu {args.gpu!r}: need comma-separated integer GPU ids, e.g. 0 or 0,1,2,3")
         if len(ids) > args.n_clients:
             raise InputError(f"--gpu {args.gpu}: more GPUs ({len(ids)}) than clients ({args.n_clients})")
+    if args.env == "prod":
+        check_startup_kit(args.startup_kit)
+        if args.dataset_base_dir or args.datalist_json_path:
+            raise InputError(
+                "--env prod: leave --dataset_base_dir and --datalist_json_path out: each site reads its own data "
+                "setting (BRATS_DATA_CONFIG or local/brats_data.json, docs/deployment.md)"
+            )
+    elif args.startup_kit:
+        raise InputError(f"--startup_kit is for --env prod (got --env {args.env})")
     if args.job_name is None:
         args.job_name = default_job_name(args.n_clients, args.dp_mechanism if args.enable_dp else None)
     if args.job_name in ("", ".", "..") or "/" in args.job_name:
         raise InputError(f"--job_name {args.job_name!r}: need a plain folder name")
+
+
+def check_startup_kit(kit: str | None) -> None:
+    """--env prod logs in with an admin's startup kit: its startup/fed_admin.json names the server and the admin."""
+    from brats_fl.runner import ADMIN_CONFIG, admin_username
+
+    if not kit:
+        raise InputError(f"--env prod needs --startup_kit, the admin's startup kit (the folder holding {ADMIN_CONFIG})")
+    try:
+        admin_username(Path(kit))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"--startup_kit {kit}: not an admin startup kit ({ADMIN_CONFIG}: {type(e).__name__}: {e}); give the "
+            "folder nvflare provision wrote for the admin"
+        ) from None
 
 
 def resolve_data(args: argparse.Namespace, demo: bool) -> tuple[Path, Path]:
@@ -431,13 +487,19 @@ def checked(settings: TrainingSettings) -> TrainingSettings:
 
 def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
     """A job (or an --evaluate run) whose settings are the flags."""
-    demo = args.dataset_base_dir is None and args.datalist_json_path is None
     check_job_flags(args)
+    sites_own_data = args.env == "prod" or (args.env == "poc" and bool(os.environ.get(DATA_CONFIG_ENV)))
+    demo = args.dataset_base_dir is None and args.datalist_json_path is None and not sites_own_data
     if args.evaluate and "job_name" not in explicit:
         args.job_name = f"{Path(args.evaluate).stem}_evaluation"
     settings = checked(settings_from_flags(args, demo))
     if args.evaluate:
         check_checkpoint(Path(args.evaluate), settings)
+    job = JobPaths(Path(args.workspace).resolve(), args.job_name)
+    inputs = JobInputs(args, settings, job, explicit=explicit)
+    if sites_own_data:  # real data at every site: the paper's defaults, as for --dataset_base_dir
+        settings.validate_at = "every_site"  # each site validates on its own cases, unseen by the submitter
+        return inputs
     dataset_dir, datalist_dir = resolve_data(args, demo)
     settings.dataset_base_dir = str(dataset_dir.resolve())
     settings.datalist_json_path = str(datalist_dir.resolve())
@@ -446,9 +508,28 @@ def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
         print("The sites' datalists list different validation cases: every site validates on its own.", flush=True)
     if settings.validate_at == "one_site":
         settings.validating_site = lightest_site(datalist_dir, args.n_clients)
-    plans = plan_dpsgd_sites(settings, args.n_clients) if settings.dp_mechanism == "dpsgd" and not args.evaluate else {}
-    job = JobPaths(Path(args.workspace).resolve(), args.job_name)
-    return JobInputs(args, settings, job, explicit=explicit, dpsgd_plans=plans)
+    if settings.dp_mechanism == "dpsgd" and not args.evaluate:
+        inputs.dpsgd_plans = plan_dpsgd_sites(settings, args.n_clients)
+    if args.env == "poc":
+        inputs.site_data_env = write_poc_site_settings(settings, args.n_clients, job)
+    return inputs
+
+
+def write_poc_site_settings(settings: TrainingSettings, n_clients: int, job: JobPaths) -> str:
+    """For a POC run, play each hospital's part: write every site's own data setting (brats_fl/site_data.py) next to
+    the job folder, and take the data paths out of the job, which then carries none, as in a real deployment."""
+    from brats_fl.site_data import SiteData, write_site_configs
+    from dataset_brats18.datalist import site_datalist_names
+
+    datalists = Path(settings.datalist_json_path)
+    configs = {
+        f"site-{i}": SiteData(Path(settings.dataset_base_dir), datalists / f"{name}.json")
+        for i, name in enumerate(site_datalist_names(n_clients), start=1)
+    }
+    value = write_site_configs(job.workspace_root / f"{job.job_name}_site_data", configs)
+    settings.dataset_base_dir = settings.datalist_json_path = None
+    print(f"POC: each site reads its data setting from {DATA_CONFIG_ENV}={value}", flush=True)
+    return value
 
 
 def prepare_resume(args: argparse.Namespace, explicit: dict) -> JobInputs:
@@ -590,7 +671,6 @@ def train(inputs: JobInputs) -> int:
     evaluate; a stop or a failure prints how to resume."""
     from brats_fl.job_results import JobResultError, early_stop_of, summarize_job
     from brats_fl.resume import fold_part_into_job, part_paths
-    from brats_fl.runner import run_in_simulator
 
     args, settings, job, start = inputs.args, inputs.settings, inputs.job, inputs.start
     last_round = settings.num_rounds - 1
@@ -604,7 +684,7 @@ def train(inputs: JobInputs) -> int:
             flush=True,
         )
     recipe = build_recipe(inputs, run_paths.job_name, last_round + 1 - start.round)
-    outcome = run_in_simulator(recipe, run_paths, args.n_clients, args.threads, args.gpu)
+    outcome = run(inputs, recipe, run_paths)
     if start.round:
         fold_part_into_job(job, run_paths, start.round)
     if outcome.interrupted:
@@ -652,17 +732,37 @@ def train(inputs: JobInputs) -> int:
 
 def build_recipe(inputs: JobInputs, name: str | None = None, rounds_to_run: int | None = None):
     """The training job of these inputs (brats_fl/recipes.py), by default all rounds from the start point."""
+    from dataclasses import replace
+
     from brats_fl.recipes import build_training_recipe
 
-    settings = inputs.settings
+    settings, start = inputs.settings, inputs.start
+    if start.initial_ckpt is not None:
+        start = replace(start, initial_ckpt=checkpoint_for(inputs, start.initial_ckpt))
     return build_training_recipe(
         settings,
         make_model(settings),
         name or inputs.job.job_name,
         inputs.args.n_clients,
-        settings.num_rounds - inputs.start.round if rounds_to_run is None else rounds_to_run,
-        inputs.start,
+        settings.num_rounds - start.round if rounds_to_run is None else rounds_to_run,
+        start,
     )
+
+
+def checkpoint_for(inputs: JobInputs, path: Path) -> Path:
+    """A checkpoint as the recipe should name it: absolute in the simulator (the server reads it where it is),
+    relative in a deployment, which makes NVFlare carry the file inside the job to the server."""
+    return Path(path).resolve() if inputs.args.env == "sim" else Path(os.path.relpath(Path(path).resolve()))
+
+
+def run(inputs: JobInputs, recipe, paths: JobPaths):
+    """Run a recipe where --env says (brats_fl/runner.py); the server's outputs land in paths.server_job_dir."""
+    from brats_fl.runner import run_job
+
+    args = inputs.args
+    if inputs.site_data_env:
+        os.environ[DATA_CONFIG_ENV] = inputs.site_data_env  # the POC's sites are started from this process
+    return run_job(recipe, paths, args.n_clients, args.threads, args.gpu, args.env, args.startup_kit)
 
 
 def stop_line(inputs: JobInputs, head: str) -> str:
@@ -685,12 +785,13 @@ def evaluate_at_sites(inputs: JobInputs, checkpoint: Path, eval_paths: JobPaths,
     from brats_fl.evaluation import write_results
     from brats_fl.job_results import FINAL_EVALUATION_FILE
     from brats_fl.recipes import build_evaluation_recipe
-    from brats_fl.runner import RunOutcome, run_in_simulator
+    from brats_fl.runner import RunOutcome
 
     args, settings = inputs.args, inputs.settings
     print(f"Final evaluation: the sites score {checkpoint} on their validation cases.", flush=True)
-    recipe = build_evaluation_recipe(settings, make_model(settings), eval_paths.job_name, args.n_clients, checkpoint)
-    outcome = run_in_simulator(recipe, eval_paths, args.n_clients, args.threads, args.gpu)
+    model_file = checkpoint_for(inputs, checkpoint)
+    recipe = build_evaluation_recipe(settings, make_model(settings), eval_paths.job_name, args.n_clients, model_file)
+    outcome = run(inputs, recipe, eval_paths)
     if outcome.interrupted or outcome.error:
         return outcome, None
     scores = eval_paths.server_job_dir / FINAL_EVALUATION_FILE
@@ -739,6 +840,9 @@ def report_cache(settings: TrainingSettings) -> None:
 
     if settings.cache_dir is None:
         print("Preprocessed-case cache: off (--no_cache); every case is loaded and preprocessed at every use.")
+        return
+    if not Path(settings.cache_dir).is_absolute():
+        print(f"Preprocessed-case cache: at each site, in <its workspace>/{settings.cache_dir}", flush=True)
         return
     cache = CaseCache(settings.cache_dir)
     cache.remove_stale_temporaries()

@@ -136,6 +136,7 @@ def job_command(args: argparse.Namespace, name: str, data: tuple[Path, Path], ex
         str(args.num_rounds),
         "--learning_rate",
         "1e-3",
+        "--no_final_eval",  # the benchmark times training rounds
         *settings,
     ]
     command += ["--gpu", args.gpu] if args.gpu else []

@@ -6,6 +6,8 @@
 - :class:`LastGlobalModelKeeper`: writes the global model after every aggregation, atomically, with its round, so a
   stopped or crashed job can continue from it (NVFlare's own checkpoint is written in place, and only when the model
   improves once early stopping is on).
+- :class:`SiteFailureWatcher`: ends the job when a site reports the error that stopped it, and logs it where job.py
+  finds it, so that a deployment fails at once with the site's reason instead of waiting for ever.
 - :class:`FinalEvaluationCollector`: keeps the per-case scores the sites send for the final evaluation of the best
   model, in ``final_evaluation.json`` of the server's job folder.
 """
@@ -18,9 +20,10 @@ from pathlib import Path
 from threading import Lock
 
 import torch
-from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.event_type import EventType
+from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
@@ -33,6 +36,7 @@ from nvflare.widgets.widget import Widget
 
 from brats_fl.evaluation import CASES_KEY
 from brats_fl.job_results import FINAL_EVALUATION_FILE, LAST_MODEL_FILE
+from brats_fl.settings import SITE_FAILURE_MARK, SITE_FAILURE_META
 
 
 class BratsFedAvg(FedAvg):
@@ -168,3 +172,18 @@ class FinalEvaluationCollector(DXOFilter):
                 if self._path is not None:
                     write_atomically(self._path, lambda tmp: tmp.write_text(json.dumps(self._results, indent=1)))
         return None
+
+
+class SiteFailureWatcher(Filter):
+    """Server input filter on every task result: a result carrying SITE_FAILURE_META (client.py sends one when an
+    exception stops the site) is logged after SITE_FAILURE_MARK and ends the job (NVFlare's system panic)."""
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        try:
+            failure = from_shareable(shareable).get_meta_prop(SITE_FAILURE_META)
+        except Exception:  # not a DXO: nothing a site of this project sent
+            return shareable
+        if failure:
+            self.log_error(fl_ctx, f"{SITE_FAILURE_MARK} {failure}")
+            self.system_panic(f"{SITE_FAILURE_MARK} {failure}", fl_ctx)
+        return shareable

@@ -84,7 +84,9 @@ class JobPaths:
 
     @property
     def server_log(self) -> Path:
-        return self.job_dir / "server" / "log.txt"
+        """The simulator's server log; for a job run in a deployment, the one in its downloaded server workspace."""
+        simulator = self.job_dir / "server" / "log.txt"
+        return simulator if simulator.is_file() else self.server_job_dir / "log.txt"
 
 
 @dataclass
@@ -207,4 +209,16 @@ def early_stop_of(server_log: Path) -> tuple[str, int] | None:
             rule = f"--patience ({rounds} rounds without a better val_dice)"
         elif "Stopping at round=" in line and rule:
             return rule, int(line.split("Stopping at round=", 1)[1].split()[0])
+    return None
+
+
+def site_failure_of(server_log: Path) -> str | None:
+    """The error a failing site reported to the server (client.py's report_failure), e.g. 'site-2: ValueError: ...'."""
+    from brats_fl.settings import SITE_FAILURE_MARK
+
+    if not server_log.is_file():
+        return None
+    for line in server_log.read_text(errors="replace").splitlines():
+        if SITE_FAILURE_MARK in line:
+            return line.split(SITE_FAILURE_MARK, 1)[1].strip()
     return None

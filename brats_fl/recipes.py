@@ -60,7 +60,12 @@ def build_training_recipe(
     from nvflare.client.config import TransferType
     from nvflare.recipe.utils import add_experiment_tracking
 
-    from brats_fl.fl_components import LastGlobalModelKeeper, ResumableFedAvgRecipe, add_server_component
+    from brats_fl.fl_components import (
+        LastGlobalModelKeeper,
+        ResumableFedAvgRecipe,
+        SiteFailureWatcher,
+        add_server_component,
+    )
 
     recipe = ResumableFedAvgRecipe(
         name=name,
@@ -77,14 +82,25 @@ def build_training_recipe(
         best_value=start.best_value,
         rounds_without_improvement=start.rounds_without_improvement,
     )
+    deploy_to_named_sites(recipe, n_clients)
     app_files = stage_app_files(settings)
     recipe.add_client_file(str(app_files))
     recipe.add_server_file(str(app_files))  # the server components below are in brats_fl
     add_experiment_tracking(recipe, "tensorboard")
     add_server_component(recipe, LastGlobalModelKeeper())
+    recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["train"])
     if settings.dp_mechanism:
         add_privacy(recipe, settings, n_clients, start.privacy_report)
     return recipe
+
+
+def deploy_to_named_sites(recipe, n_clients: int) -> None:
+    """Send the job to site-1 ... site-N only (each gets the same app): a deployment may have more hospitals than the
+    job uses, and the centralised baseline (--n_clients 1) must run at site-1, not at whichever site connects first.
+    Must come right after the recipe is built, before any client file or filter is added."""
+    from nvflare.recipe import set_per_site_config
+
+    set_per_site_config(recipe, {f"site-{i}": {} for i in range(1, n_clients + 1)})
 
 
 def add_privacy(recipe, settings: TrainingSettings, n_clients: int, previous_report: Path | None) -> None:
@@ -135,18 +151,20 @@ def build_evaluation_recipe(settings: TrainingSettings, model, name: str, n_clie
     from nvflare.app_opt.pt.recipes.fedeval import FedEvalRecipe
     from nvflare.client.config import ExchangeFormat
 
-    from brats_fl.fl_components import FinalEvaluationCollector
+    from brats_fl.fl_components import FinalEvaluationCollector, SiteFailureWatcher
 
     recipe = FedEvalRecipe(
         name=name,
         model=model,
-        eval_ckpt=str(Path(checkpoint).resolve()),
+        eval_ckpt=str(checkpoint),  # absolute: read on the server where it is; relative: carried in the job
         min_clients=n_clients,
         eval_script="client.py",
         server_expected_format=ExchangeFormat.PYTORCH,
     )
+    deploy_to_named_sites(recipe, n_clients)
     app_files = stage_app_files(settings)
     recipe.add_client_file(str(app_files))
     recipe.add_server_file(str(app_files))
+    recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["validate"])
     recipe.add_server_input_filter(FinalEvaluationCollector(), tasks=["validate"])
     return recipe

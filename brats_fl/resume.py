@@ -26,6 +26,7 @@ from brats_fl.job_results import (
     read_round_metrics,
 )
 from brats_fl.recipes import StartPoint
+from brats_fl.runner import SUBMITTED_FILE
 from brats_fl.settings import KEY_METRIC, SETTINGS_FILE, SettingsError, TrainingSettings
 
 FOLDED_MARKER = "folded_into_job"  # written in a continuation's folder once its outputs are in the job's
@@ -33,7 +34,7 @@ FOLDED_MARKER = "folded_into_job"  # written in a continuation's folder once its
 # flag must agree with the settings the job started with (they are read from the job).
 RESUME_MAY_SET = {
     "resume", "gpu", "threads", "num_workers", "cache_dir", "no_cache", "no_amp",
-    "dataset_base_dir", "stop_after_round", "stop_dice", "patience", "no_final_eval",
+    "dataset_base_dir", "stop_after_round", "stop_dice", "patience", "no_final_eval", "env", "startup_kit",
 }  # fmt: skip
 
 
@@ -213,7 +214,11 @@ def read_job_settings(job: JobPaths, what: str, path: Path | None = None) -> Tra
 
 
 def count_sites(job_dir: Path, what: str) -> int:
+    """The job's number of sites: its site-N folders (simulator), or what job.py recorded when it submitted it."""
     n = sum(1 for d in job_dir.glob("site-*") if d.is_dir())
+    submitted = job_dir / SUBMITTED_FILE
+    if n == 0 and submitted.is_file():
+        n = int(json.loads(submitted.read_text()).get("n_clients", 0))
     if n == 0:
         raise ResumeError(f"{what}: no site-* folders in {job_dir}: not the folder of a job made by job.py")
     return n

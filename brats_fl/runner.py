@@ -10,6 +10,8 @@ NVFlare 2.9's simulator: a site that cannot start its script) leaves the server 
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import threading
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from brats_fl.job_results import JobPaths, first_client_error
+from brats_fl.job_results import JobPaths, first_client_error, site_failure_of
 
 GRACE_SECONDS = 10  # SIGTERM first; whatever still runs after this gets SIGKILL
 FATAL_MARKERS = ("Stopped ClientRunner due to FATAL_SYSTEM_ERROR",)
@@ -166,7 +168,8 @@ def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu:
     recipe.execute writes the job folder and raises SystemExit instead."""
     from nvflare.recipe import SimEnv
 
-    env = SimEnv(num_clients=n_clients, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
+    sites = [f"site-{i}" for i in range(1, n_clients + 1)]  # the job's sites (recipes.deploy_to_named_sites)
+    env = SimEnv(clients=sites, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
     watchdog = Watchdog(paths.job_dir)
     try:
         with stoppable(paths.job_dir):
@@ -175,9 +178,99 @@ def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu:
     except JobInterrupted as stop:
         return RunOutcome(interrupted=stop)
     except Exception as e:  # the simulator raises when an in-process site fails
-        return RunOutcome(error=first_client_error(paths.workspace_root, paths.job_name) or watchdog.reason or str(e))
+        return RunOutcome(error=failure_of(paths) or watchdog.reason or str(e))
     finally:
         watchdog.stop()
-    if watchdog.reason:
-        return RunOutcome(error=first_client_error(paths.workspace_root, paths.job_name) or watchdog.reason)
+    failure = site_failure_of(paths.server_log) or watchdog.reason  # a run can end "normally" after a system panic
+    return RunOutcome(error=failure) if failure else RunOutcome()
+
+
+def failure_of(paths: JobPaths) -> str | None:
+    """Why a site failed: what it reported to the server, else the first error in the sites' logs."""
+    return site_failure_of(paths.server_log) or first_client_error(paths.workspace_root, paths.job_name)
+
+
+ENVIRONMENTS = ("sim", "poc", "prod")
+SUBMITTED_FILE = "submitted.json"  # in a deployed job's local folder: where and as what it ran
+
+
+def run_job(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None, env: str = "sim",
+            startup_kit: str | None = None) -> RunOutcome:  # fmt: skip
+    """Run the recipe in NVFlare's simulator, or submit it to a POC or a provisioned deployment; either way the
+    server's outputs end up in paths.server_job_dir."""
+    if env == "sim":
+        return run_in_simulator(recipe, paths, n_clients, threads, gpu)
+    return run_deployed(recipe, paths, n_clients, gpu, env, startup_kit)
+
+
+def deployment_env(env: str, n_clients: int, gpu: str | None, startup_kit: str | None):
+    from nvflare.recipe import PocEnv, ProdEnv
+
+    if env == "poc":
+        gpu_ids = [int(g) for g in gpu.split(",")] if gpu else None
+        return PocEnv(num_clients=n_clients, gpu_ids=gpu_ids)
+    return ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(Path(startup_kit)))
+
+
+ADMIN_CONFIG = Path("startup") / "fed_admin.json"  # in an admin's startup kit, written by nvflare provision
+
+
+def admin_username(startup_kit: Path) -> str:
+    """The admin the kit was provisioned for: ProdEnv logs in as admin@nvidia.com unless told otherwise."""
+    return json.loads((startup_kit / ADMIN_CONFIG).read_text())["admin"]["username"]
+
+
+def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: str, startup_kit: str | None):
+    """Submit to a POC (NVFlare starts a fresh one on this machine and removes it afterwards) or to a running
+    provisioned project (ProdEnv, through the admin startup kit); wait for the job; download its result through
+    NVFlare and copy the server's workspace into paths.server_job_dir. Ctrl-C aborts the job."""
+    deployment = deployment_env(env, n_clients, gpu, startup_kit)
+    job_id = None
+    try:
+        with stoppable(paths.job_dir):
+            try:
+                job_id = recipe.execute(deployment).get_job_id()
+                reset_job_folder(paths, env, job_id, n_clients)
+                print(f"Submitted {paths.job_name} to the {env} deployment as job {job_id}; waiting for it "
+                      "(Ctrl-C aborts it).", flush=True)  # fmt: skip
+                result = deployment.get_job_result(job_id, timeout=0.0)
+                status = deployment.get_job_status(job_id)
+                if result:
+                    shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
+            except JobInterrupted:
+                if job_id:
+                    abort_and_download(deployment, job_id, paths)
+                raise
+            finally:
+                if env == "poc":
+                    deployment.stop(clean_up=True)  # stops the POC's server and clients, removes its workspace
+    except JobInterrupted as stop:
+        return RunOutcome(interrupted=stop)
+    except Exception as e:  # submission or download failed: say so in one line
+        return RunOutcome(error=f"{env} deployment: {type(e).__name__}: {e}")
+    if not result:
+        return RunOutcome(error=f"job {job_id} ended with status {status} and no result could be downloaded")
+    failure = site_failure_of(paths.server_log)
+    if failure or not str(status).endswith("COMPLETED"):
+        return RunOutcome(error=failure or f"job {job_id} ended with status {status}; see {paths.server_log}")
     return RunOutcome()
+
+
+def reset_job_folder(paths: JobPaths, env: str, job_id: str, n_clients: int) -> None:
+    """A fresh local job folder, as the simulator starts with, recording where the job ran."""
+    shutil.rmtree(paths.job_dir, ignore_errors=True)
+    paths.server_job_dir.mkdir(parents=True)
+    record = {"env": env, "job_id": job_id, "n_clients": n_clients}
+    (paths.job_dir / SUBMITTED_FILE).write_text(json.dumps(record) + "\n")
+
+
+def abort_and_download(deployment, job_id: str, paths: JobPaths, timeout: float = 60.0) -> None:
+    """Abort the job, then fetch what its server kept (the last global model, the round records), so that it can be
+    resumed; best effort: the deployment may already be gone."""
+    try:
+        deployment.abort_job(job_id)
+        result = deployment.get_job_result(job_id, timeout=timeout)
+        if result:
+            shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
+    except Exception:
+        pass

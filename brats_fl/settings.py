@@ -23,6 +23,8 @@ SHIPPED_DATALIST_DIR = REPO_DIR / "dataset_brats18" / "datalist"  # the paper's 
 DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
 SETTINGS_FILE = "brats_settings.json"  # travels in the job's custom/ folder, next to client.py
 KEY_METRIC = "val_dice"  # what the clients report and the server selects the best model by
+SITE_FAILURE_META = "brats_site_failure"  # a failing site's last result carries its error under this meta key
+SITE_FAILURE_MARK = "BRATS SITE FAILURE:"  # ... and the server logs it after this mark, for job.py to read back
 
 
 def default_job_name(n_clients: int, dp_mechanism: str | None) -> str:

@@ -210,3 +210,44 @@ def test_brats18_entry_uses_official_layout():
     entry = brats18_case_entry("Brats18_X_1", "LGG")
     assert entry["image"][0] == "training/LGG/Brats18_X_1/Brats18_X_1_t1ce.nii.gz"
     assert entry["label"].endswith("Brats18_X_1_seg.nii.gz")
+
+
+def admin_kit(folder: Path, content: str = '{"admin": {"username": "lead@study.org"}}') -> Path:
+    (folder / "startup").mkdir(parents=True)
+    (folder / "startup" / "fed_admin.json").write_text(content)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("flags", "pattern"),
+    [
+        (["--env", "prod"], "--env prod needs --startup_kit"),
+        (["--env", "prod", "--startup_kit", "{tmp}"], "not an admin startup kit (startup/fed_admin.json: FileNotFound"),
+        (["--env", "prod", "--startup_kit", "{bad}"], "not an admin startup kit (startup/fed_admin.json: KeyError"),
+        (["--env", "sim", "--startup_kit", "{kit}"], "--startup_kit is for --env prod (got --env sim)"),
+        (["--env", "poc", "--startup_kit", "{kit}"], "--startup_kit is for --env prod (got --env poc)"),
+    ],
+)
+def test_deployment_flags_are_checked_before_anything_runs(capsys, dataset, tmp_path, flags, pattern):
+    kit, bad = admin_kit(tmp_path / "kit"), admin_kit(tmp_path / "bad", '{"admin": {}}')
+    argv = [f.format(tmp=tmp_path, kit=kit, bad=bad) for f in flags]
+    expect_error(capsys, dataset, pattern, *argv)
+
+
+def test_prod_refuses_data_paths_because_each_site_reads_its_own(capsys, dataset, tmp_path):
+    kit = admin_kit(tmp_path / "kit")
+    err = expect_error(
+        capsys, dataset, "--env prod: leave --dataset_base_dir", "--env", "prod", "--startup_kit", str(kit)
+    )
+    assert "docs/deployment.md" in err
+
+
+def test_prod_job_carries_no_data_path_and_the_papers_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(job.REPO_DIR)
+    kit = admin_kit(tmp_path / "kit")
+    inputs = job.prepare(["--env", "prod", "--startup_kit", str(kit), "--workspace", str(tmp_path / "ws")])
+    settings = inputs.settings
+    assert settings.dataset_base_dir is None and settings.datalist_json_path is None
+    assert settings.validate_at == "every_site" and settings.cache_dir == "preprocessed"
+    assert settings.num_rounds == 600 and settings.roi_size == (224, 224, 144)  # not the demo's
+    assert not (tmp_path / "ws").exists()

@@ -22,7 +22,7 @@ def export_job(tmp_path: Path, *flags: str) -> Path:
     job.check_job_flags(args)
     inputs = job.JobInputs(args, job.settings_from_flags(args, demo=False), JobPaths(tmp_path / "ws", args.job_name))
     job.build_recipe(inputs).export(job_dir=str(tmp_path / "exported"))
-    return tmp_path / "exported" / args.job_name / "app"
+    return tmp_path / "exported" / args.job_name / "app_server"
 
 
 def rebuild_server_model(app_dir: Path) -> torch.nn.Module:
@@ -67,7 +67,7 @@ def test_server_rebuilds_the_same_seeded_initial_weights(tmp_path):
 
 
 def test_exported_client_app_carries_the_package_and_its_settings(tmp_path):
-    app_dir = export_job(tmp_path, "--learning_rate", "0.003")
+    app_dir = export_job(tmp_path, "--learning_rate", "0.003").parent / "app_site-1"
     custom = app_dir / "custom"
     assert {p.name for p in custom.iterdir()} == {"client.py", "model.py", "brats_fl", SETTINGS_FILE}
     assert (custom / "brats_fl" / "pipeline.py").is_file() and (custom / "brats_fl" / "privacy" / "dpsgd.py").is_file()
@@ -76,3 +76,16 @@ def test_exported_client_app_carries_the_package_and_its_settings(tmp_path):
     config = json.loads((app_dir / "config" / "config_fed_client.json").read_text())
     scripts = [e["executor"]["args"].get("task_script_path") for e in config["executors"]]
     assert scripts == ["client.py"]  # relative: the exported job runs on a machine without this repository
+
+
+@pytest.mark.parametrize("n_clients", [1, 3])
+def test_job_goes_to_site_1_to_n_only(tmp_path, n_clients):
+    """A deployment may have more hospitals than the job uses: the centralised job runs at site-1, not anywhere."""
+    job_dir = export_job(tmp_path, "--n_clients", str(n_clients)).parent
+    deploy_map = json.loads((job_dir / "meta.json").read_text())["deploy_map"]
+    sites = [f"site-{i}" for i in range(1, n_clients + 1)]
+    assert deploy_map == {"app_server": ["server"], **{f"app_{s}": [s] for s in sites}}
+    first = (job_dir / "app_site-1" / "config" / "config_fed_client.json").read_text()
+    for site in sites:  # every site gets the same app
+        assert (job_dir / f"app_{site}" / "config" / "config_fed_client.json").read_text() == first
+        assert (job_dir / f"app_{site}" / "custom" / SETTINGS_FILE).is_file()
