@@ -329,17 +329,23 @@ def check_job_flags(args: argparse.Namespace) -> None:
             raise InputError(f"--gpu {args.gpu}: more GPUs ({len(ids)}) than clients ({args.n_clients})")
     if args.env == "prod":
         check_startup_kit(args.startup_kit)
-        if args.dataset_base_dir or args.datalist_json_path:
-            raise InputError(
-                "--env prod: leave --dataset_base_dir and --datalist_json_path out: each site reads its own data "
-                "setting (BRATS_DATA_CONFIG or local/brats_data.json, docs/deployment.md)"
-            )
-    elif args.startup_kit:
+    if sites_read_own_data(args) and (args.dataset_base_dir or args.datalist_json_path):
+        where = "--env prod" if args.env == "prod" else f"--env poc with {DATA_CONFIG_ENV} set"
+        raise InputError(
+            f"{where}: leave --dataset_base_dir and --datalist_json_path out: each site reads its own data "
+            "setting (BRATS_DATA_CONFIG or local/brats_data.json, docs/deployment.md)"
+        )
+    if args.env != "prod" and args.startup_kit:
         raise InputError(f"--startup_kit is for --env prod (got --env {args.env})")
     if args.job_name is None:
         args.job_name = default_job_name(args.n_clients, args.dp_mechanism if args.enable_dp else None)
     if args.job_name in ("", ".", "..") or "/" in args.job_name:
         raise InputError(f"--job_name {args.job_name!r}: need a plain folder name")
+
+
+def sites_read_own_data(args: argparse.Namespace) -> bool:
+    """In prod, and in poc with BRATS_DATA_CONFIG set, each site reads its own data setting: the job names no data."""
+    return args.env == "prod" or (args.env == "poc" and bool(os.environ.get(DATA_CONFIG_ENV)))
 
 
 def check_startup_kit(kit: str | None) -> None:
@@ -488,8 +494,7 @@ def checked(settings: TrainingSettings) -> TrainingSettings:
 def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
     """A job (or an --evaluate run) whose settings are the flags."""
     check_job_flags(args)
-    sites_own_data = args.env == "prod" or (args.env == "poc" and bool(os.environ.get(DATA_CONFIG_ENV)))
-    demo = args.dataset_base_dir is None and args.datalist_json_path is None and not sites_own_data
+    demo = args.dataset_base_dir is None and args.datalist_json_path is None and not sites_read_own_data(args)
     if args.evaluate and "job_name" not in explicit:
         args.job_name = f"{Path(args.evaluate).stem}_evaluation"
     settings = checked(settings_from_flags(args, demo))
@@ -497,7 +502,7 @@ def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
         check_checkpoint(Path(args.evaluate), settings)
     job = JobPaths(Path(args.workspace).resolve(), args.job_name)
     inputs = JobInputs(args, settings, job, explicit=explicit)
-    if sites_own_data:  # real data at every site: the paper's defaults, as for --dataset_base_dir
+    if sites_read_own_data(args):  # real data at every site: the paper's defaults, as for --dataset_base_dir
         settings.validate_at = "every_site"  # each site validates on its own cases, unseen by the submitter
         return inputs
     dataset_dir, datalist_dir = resolve_data(args, demo)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,9 +232,10 @@ def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: 
                 job_id = recipe.execute(deployment).get_job_id()
                 reset_job_folder(paths, env, job_id, n_clients)
                 print(f"Submitted {paths.job_name} to the {env} deployment as job {job_id}; waiting for it "
-                      "(Ctrl-C aborts it).", flush=True)  # fmt: skip
-                result = deployment.get_job_result(job_id, timeout=0.0)
-                status = deployment.get_job_status(job_id)
+                      f"(Ctrl-C aborts it; NVFlare's messages: {paths.job_dir / ADMIN_LOG}).", flush=True)  # fmt: skip
+                status = wait_for_job(deployment, job_id, paths)
+                with admin_log(paths):
+                    result = deployment.get_job_result(job_id, timeout=0.0)
                 if result:
                     shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
             except JobInterrupted:
@@ -256,6 +257,33 @@ def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: 
     return RunOutcome()
 
 
+ADMIN_LOG = "nvflare_admin.log"  # in a deployed job's local folder: what NVFlare's admin API printed
+
+
+@contextmanager
+def admin_log(paths: JobPaths):
+    """NVFlare's admin API prints job metadata and a dot every poll: into the job's log, not onto the screen."""
+    with open(paths.job_dir / ADMIN_LOG, "a") as log, redirect_stdout(log):
+        yield
+
+
+def wait_for_job(deployment, job_id: str, paths: JobPaths, poll_s: float = 10.0, heartbeat_s: float = 1800.0) -> str:
+    """Poll the job's status until it is finished; print each new status and, while it runs, a line every
+    heartbeat_s, so that a days-long run shows it is alive. Returns the final status, e.g. FINISHED:COMPLETED."""
+    started = printed_at = time.monotonic()
+    last = None
+    while True:
+        with admin_log(paths):
+            status = str(deployment.get_job_status(job_id))
+        now = time.monotonic()
+        if status != last or now - printed_at >= heartbeat_s:
+            print(f"  job {job_id}: {status} after {(now - started) / 60:.1f} min", flush=True)
+            last, printed_at = status, now
+        if status.startswith("FINISHED"):
+            return status
+        time.sleep(poll_s)
+
+
 def reset_job_folder(paths: JobPaths, env: str, job_id: str, n_clients: int) -> None:
     """A fresh local job folder, as the simulator starts with, recording where the job ran."""
     shutil.rmtree(paths.job_dir, ignore_errors=True)
@@ -268,8 +296,9 @@ def abort_and_download(deployment, job_id: str, paths: JobPaths, timeout: float 
     """Abort the job, then fetch what its server kept (the last global model, the round records), so that it can be
     resumed; best effort: the deployment may already be gone."""
     try:
-        deployment.abort_job(job_id)
-        result = deployment.get_job_result(job_id, timeout=timeout)
+        with admin_log(paths):
+            deployment.abort_job(job_id)
+            result = deployment.get_job_result(job_id, timeout=timeout)
         if result:
             shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
     except Exception:

@@ -251,3 +251,8 @@ def test_prod_job_carries_no_data_path_and_the_papers_settings(tmp_path, monkeyp
     assert settings.validate_at == "every_site" and settings.cache_dir == "preprocessed"
     assert settings.num_rounds == 600 and settings.roi_size == (224, 224, 144)  # not the demo's
     assert not (tmp_path / "ws").exists()
+
+
+def test_poc_with_the_sites_own_settings_refuses_data_paths(capsys, dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRATS_DATA_CONFIG", str(tmp_path / "{site}.json"))
+    expect_error(capsys, dataset, "--env poc with BRATS_DATA_CONFIG set: leave --dataset_base_dir", "--env", "poc")
