@@ -4,9 +4,10 @@
 
 Reads each job's TensorBoard event files (server/simulate_job/tb_events/site-N/, written by the clients; no
 TensorFlow needed) and draws, for the tags val_dice, val_dice_tc, val_dice_wt and val_dice_et, one chart per tag
-with one line per job: the raw values faint, TensorBoard's smoothed curve solid. Every site validates the same
-global model it received at round r on the same validation cases, so the global model's value at round r is the
-mean over the sites' values at step r (they agree up to floating-point noise).
+with one line per job: the raw values faint, TensorBoard's smoothed curve solid. The global model's value at round r
+is the mean over the sites that logged one at step r: by default one site validates for all; with
+--validate_every_site every site validates the same model on the same cases (their values agree up to
+floating-point noise).
 
 Smoothing is TensorBoard's: an exponential moving average started at 0 and debiased, i.e. after the n-th finite
 value v_n, ``ema_n = w * ema_(n-1) + (1 - w) * v_n`` and the plotted value is ``ema_n / (1 - w**n)``; non-finite
