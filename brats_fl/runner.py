@@ -281,7 +281,7 @@ def wait_for_job(deployment, job_id: str, paths: JobPaths, poll_s: float = 10.0,
             last, printed_at = status, now
         if status.startswith("FINISHED"):
             return status
-        time.sleep(poll_s)
+        time.sleep(min(poll_s, 1.0 + (now - started) / 60))  # every second at first (short jobs, tests), then poll_s
 
 
 def reset_job_folder(paths: JobPaths, env: str, job_id: str, n_clients: int) -> None:
