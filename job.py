@@ -531,7 +531,7 @@ def write_poc_site_settings(settings: TrainingSettings, n_clients: int, job: Job
         f"site-{i}": SiteData(Path(settings.dataset_base_dir), datalists / f"{name}.json")
         for i, name in enumerate(site_datalist_names(n_clients), start=1)
     }
-    value = write_site_configs(job.workspace_root / f"{job.job_name}_site_data", configs)
+    value = write_site_configs(site_settings_dir(job), configs)
     settings.dataset_base_dir = settings.datalist_json_path = None
     print(f"POC: each site reads its data setting from {DATA_CONFIG_ENV}={value}", flush=True)
     return value
@@ -567,7 +567,8 @@ def prepare_resume(args: argparse.Namespace, explicit: dict) -> JobInputs:
     args.job_name, args.workspace = job.job_name, str(job.workspace_root)
     check_job_flags(args)
     settings = checked(apply_resume_flags(settings, explicit, max(1, cores_per_site(args))))
-    check_job_data(settings, args.n_clients, what)
+    check_job_data(settings, args.n_clients, what, args.env)
+    site_data_env = poc_site_settings_of(job, settings, args.env)
     start = start_point(job, what)
     finished = job_end(job)
     if finished or start.round >= settings.num_rounds:
@@ -579,8 +580,27 @@ def prepare_resume(args: argparse.Namespace, explicit: dict) -> JobInputs:
         raise InputError(f"--stop_after_round {args.stop_after_round}: the job resumes at round {start.round}")
     if start.privacy_report is not None and load_report(start.privacy_report).get("mechanism") != settings.dp_mechanism:
         raise InputError(f"{what}: {start.privacy_report} is not a {settings.dp_mechanism} report")
-    plans = plan_dpsgd_sites(settings, args.n_clients) if settings.dp_mechanism == "dpsgd" else {}
-    return JobInputs(args, settings, job, start, explicit, plans)
+    planned_here = settings.dp_mechanism == "dpsgd" and settings.dataset_base_dir is not None  # else by each site
+    plans = plan_dpsgd_sites(settings, args.n_clients) if planned_here else {}
+    inputs = JobInputs(args, settings, job, start, explicit, plans)
+    inputs.site_data_env = site_data_env
+    return inputs
+
+
+def poc_site_settings_of(job: JobPaths, settings: TrainingSettings, env: str) -> str | None:
+    """A POC job's sites, resumed or evaluated, read the data settings job.py wrote for them when it started,
+    unless BRATS_DATA_CONFIG is set."""
+    if env != "poc" or settings.dataset_base_dir is not None or os.environ.get(DATA_CONFIG_ENV):
+        return None
+    folder = site_settings_dir(job)
+    if not folder.is_dir():
+        raise InputError(f"--env poc: no site data settings in {folder}: set {DATA_CONFIG_ENV} (docs/deployment.md)")
+    return str(folder / "{site}.json")
+
+
+def site_settings_dir(job: JobPaths) -> Path:
+    """Where job.py writes each POC site's data setting, next to the job folder."""
+    return job.workspace_root / f"{job.job_name}_site_data"
 
 
 def prepare_evaluation_of_job_model(args: argparse.Namespace, explicit: dict, settings_file: Path) -> JobInputs:
@@ -613,14 +633,24 @@ def prepare_evaluation_of_job_model(args: argparse.Namespace, explicit: dict, se
     check_job_flags(args)
     settings = checked(apply_resume_flags(settings, explicit, max(1, cores_per_site(args))))
     check_checkpoint(Path(args.evaluate), settings)
-    check_job_data(settings, args.n_clients, what)
-    return JobInputs(args, settings, JobPaths(Path(args.workspace).resolve(), args.job_name), explicit=explicit)
+    check_job_data(settings, args.n_clients, what, args.env)
+    inputs = JobInputs(args, settings, JobPaths(Path(args.workspace).resolve(), args.job_name), explicit=explicit)
+    inputs.site_data_env = poc_site_settings_of(JobPaths(job_dir.parent, job_dir.name), settings, args.env)
+    return inputs
 
 
-def check_job_data(settings: TrainingSettings, n_clients: int, what: str) -> None:
-    """The job's data is still where its settings say (a data folder that moved needs --dataset_base_dir)."""
+def check_job_data(settings: TrainingSettings, n_clients: int, what: str, env: str) -> None:
+    """The job's data is still where its settings say (a data folder that moved needs --dataset_base_dir); a job
+    whose sites read their own data settings runs in a deployment only."""
     from dataset_brats18.datalist import DatalistError, check_job_datalists, site_datalist_names
 
+    if settings.dataset_base_dir is None:
+        if env == "sim":
+            raise InputError(
+                f"{what}: the job's sites read their own data settings (it ran with --env poc or prod): give "
+                "--env poc, or --env prod --startup_kit <admin kit>"
+            )
+        return
     try:
         check_job_datalists(
             Path(settings.datalist_json_path), settings.dataset_base_dir, site_datalist_names(n_clients)

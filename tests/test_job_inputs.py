@@ -256,3 +256,33 @@ def test_prod_job_carries_no_data_path_and_the_papers_settings(tmp_path, monkeyp
 def test_poc_with_the_sites_own_settings_refuses_data_paths(capsys, dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("BRATS_DATA_CONFIG", str(tmp_path / "{site}.json"))
     expect_error(capsys, dataset, "--env poc with BRATS_DATA_CONFIG set: leave --dataset_base_dir", "--env", "poc")
+
+
+def deployed_job(tmp_path: Path) -> Path:
+    """The folder a --env poc/prod job leaves: settings without data paths, and what job.py recorded at submission."""
+    from brats_fl.job_results import JobPaths
+    from brats_fl.runner import SUBMITTED_FILE
+    from brats_fl.settings import TrainingSettings
+
+    paths = JobPaths(tmp_path / "ws", "brats18_2")
+    paths.settings_file.parent.mkdir(parents=True)
+    TrainingSettings(dataset_base_dir=None, datalist_json_path=None).write(paths.settings_file)
+    (paths.job_dir / SUBMITTED_FILE).write_text(json.dumps({"env": "poc", "job_id": "x", "n_clients": 2}))
+    return paths.job_dir
+
+
+def test_a_deployed_job_is_resumed_in_a_deployment_only(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(job.REPO_DIR)
+    monkeypatch.delenv("BRATS_DATA_CONFIG", raising=False)
+    job_dir = deployed_job(tmp_path)
+    code, err = run_main(capsys, "--resume", str(job_dir))
+    assert code == job.EXIT_BAD_INPUT
+    assert err == (
+        f"error: --resume {job_dir}: the job's sites read their own data settings (it ran with --env poc or prod): "
+        "give --env poc, or --env prod --startup_kit <admin kit>"
+    )
+    code, err = run_main(capsys, "--resume", str(job_dir), "--env", "poc")  # job.py's POC site settings are gone
+    assert code == job.EXIT_BAD_INPUT
+    assert (
+        f"--env poc: no site data settings in {tmp_path / 'ws' / 'brats18_2_site_data'}: set BRATS_DATA_CONFIG" in err
+    )
