@@ -82,12 +82,29 @@ def _raise_interrupted(signum, _frame):
     raise JobInterrupted(signum)
 
 
+_stop_requests: list[int] = []  # signals received in a stoppable(deferred=True) block, not yet acted on
+
+
+def _defer_interrupted(signum, _frame):
+    _stop_requests.append(signum)
+
+
+def raise_if_stop_requested() -> None:
+    """In a deferred block: raise JobInterrupted here, between two calls into NVFlare, if a signal came."""
+    if _stop_requests:
+        raise JobInterrupted(_stop_requests[0])
+
+
 @contextmanager
-def stoppable(job_dir: Path):
+def stoppable(job_dir: Path, deferred: bool = False):
     """Within the block, SIGINT and SIGTERM raise JobInterrupted; on leaving it, every process of the job is stopped.
 
+    deferred: the signal is only recorded, and raise_if_stop_requested raises it where the caller checks. For NVFlare's
+    admin sessions: an exception raised inside one leaves it open, and its connection thread keeps the process alive.
     Only the main thread receives signals, so this must wrap the (blocking) run in job.py's main thread."""
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    _stop_requests.clear()
+    handler = _defer_interrupted if deferred else _raise_interrupted
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -227,7 +244,7 @@ def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: 
     deployment = deployment_env(env, n_clients, gpu, startup_kit)
     job_id = None
     try:
-        with stoppable(paths.job_dir):
+        with stoppable(paths.job_dir, deferred=True):
             try:
                 job_id = recipe.execute(deployment).get_job_id()
                 reset_job_folder(paths, env, job_id, n_clients)
@@ -236,6 +253,7 @@ def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: 
                 status = wait_for_job(deployment, job_id, paths)
                 with admin_log(paths):
                     result = deployment.get_job_result(job_id, timeout=0.0)
+                raise_if_stop_requested()
                 if result:
                     shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
             except JobInterrupted:
@@ -281,7 +299,11 @@ def wait_for_job(deployment, job_id: str, paths: JobPaths, poll_s: float = 10.0,
             last, printed_at = status, now
         if status.startswith("FINISHED"):
             return status
-        time.sleep(min(poll_s, 1.0 + (now - started) / 60))  # every second at first (short jobs, tests), then poll_s
+        pause_until = now + min(poll_s, 1.0 + (now - started) / 60)  # every second at first (short jobs), then poll_s
+        while time.monotonic() < pause_until:
+            raise_if_stop_requested()
+            time.sleep(0.2)
+        raise_if_stop_requested()
 
 
 def reset_job_folder(paths: JobPaths, env: str, job_id: str, n_clients: int) -> None:
