@@ -781,6 +781,7 @@ def build_recipe(inputs: JobInputs, name: str | None = None, rounds_to_run: int 
         inputs.args.n_clients,
         settings.num_rounds - start.round if rounds_to_run is None else rounds_to_run,
         start,
+        named_sites=inputs.args.env != "sim",
     )
 
 
@@ -825,7 +826,9 @@ def evaluate_at_sites(inputs: JobInputs, checkpoint: Path, eval_paths: JobPaths,
     args, settings = inputs.args, inputs.settings
     print(f"Final evaluation: the sites score {checkpoint} on their validation cases.", flush=True)
     model_file = checkpoint_for(inputs, checkpoint)
-    recipe = build_evaluation_recipe(settings, make_model(settings), eval_paths.job_name, args.n_clients, model_file)
+    recipe = build_evaluation_recipe(
+        settings, make_model(settings), eval_paths.job_name, args.n_clients, model_file, named_sites=args.env != "sim"
+    )
     outcome = run(inputs, recipe, eval_paths)
     if outcome.interrupted or outcome.error:
         return outcome, None

@@ -53,10 +53,16 @@ def stop_condition(settings: TrainingSettings) -> str | None:
 
 
 def build_training_recipe(
-    settings: TrainingSettings, model, name: str, n_clients: int, rounds_to_run: int, start: StartPoint = StartPoint()
+    settings: TrainingSettings,
+    model,
+    name: str,
+    n_clients: int,
+    rounds_to_run: int,
+    start: StartPoint = StartPoint(),
+    named_sites: bool = False,
 ):
     """FedAvg of model (the server rebuilds it from its constructor arguments) over n_clients sites, running rounds
-    start.round ... start.round + rounds_to_run - 1."""
+    start.round ... start.round + rounds_to_run - 1; named_sites: for site-1 ... site-N only (deployments)."""
     from nvflare.client.config import TransferType
     from nvflare.recipe.utils import add_experiment_tracking
 
@@ -82,7 +88,8 @@ def build_training_recipe(
         best_value=start.best_value,
         rounds_without_improvement=start.rounds_without_improvement,
     )
-    deploy_to_named_sites(recipe, n_clients)
+    if named_sites:
+        deploy_to_named_sites(recipe, n_clients)
     app_files = stage_app_files(settings)
     recipe.add_client_file(str(app_files))
     recipe.add_server_file(str(app_files))  # the server components below are in brats_fl
@@ -97,6 +104,8 @@ def build_training_recipe(
 def deploy_to_named_sites(recipe, n_clients: int) -> None:
     """Send the job to site-1 ... site-N only (each gets the same app): a deployment may have more hospitals than the
     job uses, and the centralised baseline (--n_clients 1) must run at site-1, not at whichever site connects first.
+    (The simulator runs exactly site-1 ... site-N anyway; there, resumed jobs with per-site apps failed to find
+    client.py under load, so job.py uses this in deployments only.)
     Must come right after the recipe is built, before any client file or filter is added."""
     from nvflare.recipe import set_per_site_config
 
@@ -145,7 +154,9 @@ def privacy_report_settings(settings: TrainingSettings, n_clients: int) -> dict:
     }
 
 
-def build_evaluation_recipe(settings: TrainingSettings, model, name: str, n_clients: int, checkpoint: Path):
+def build_evaluation_recipe(
+    settings: TrainingSettings, model, name: str, n_clients: int, checkpoint: Path, named_sites: bool = False
+):
     """Every site scores the checkpoint on its validation cases (the validating site alone when the sites share
     them); the server keeps the per-case scores in final_evaluation.json."""
     from nvflare.app_opt.pt.recipes.fedeval import FedEvalRecipe
@@ -161,7 +172,8 @@ def build_evaluation_recipe(settings: TrainingSettings, model, name: str, n_clie
         eval_script="client.py",
         server_expected_format=ExchangeFormat.PYTORCH,
     )
-    deploy_to_named_sites(recipe, n_clients)
+    if named_sites:
+        deploy_to_named_sites(recipe, n_clients)
     app_files = stage_app_files(settings)
     recipe.add_client_file(str(app_files))
     recipe.add_server_file(str(app_files))

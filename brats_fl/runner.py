@@ -185,8 +185,7 @@ def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu:
     recipe.execute writes the job folder and raises SystemExit instead."""
     from nvflare.recipe import SimEnv
 
-    sites = [f"site-{i}" for i in range(1, n_clients + 1)]  # the job's sites (recipes.deploy_to_named_sites)
-    env = SimEnv(clients=sites, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
+    env = SimEnv(num_clients=n_clients, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
     watchdog = Watchdog(paths.job_dir)
     try:
         with stoppable(paths.job_dir):

@@ -17,12 +17,14 @@ from model import BratsSegResNet, count_parameters
 PAPER_PARAMETER_COUNT = 4_702_227
 
 
-def export_job(tmp_path: Path, *flags: str) -> Path:
+def export_job(tmp_path: Path, *flags: str, deployed: bool = False) -> Path:
+    """Export the job; returns its server app folder. deployed: as job.py builds it for --env poc/prod."""
     args = job.build_parser().parse_args(["--workspace", str(tmp_path / "ws"), *flags])
     job.check_job_flags(args)
+    args.env = "prod" if deployed else "sim"
     inputs = job.JobInputs(args, job.settings_from_flags(args, demo=False), JobPaths(tmp_path / "ws", args.job_name))
     job.build_recipe(inputs).export(job_dir=str(tmp_path / "exported"))
-    return tmp_path / "exported" / args.job_name / "app_server"
+    return tmp_path / "exported" / args.job_name / ("app_server" if deployed else "app")
 
 
 def rebuild_server_model(app_dir: Path) -> torch.nn.Module:
@@ -67,7 +69,7 @@ def test_server_rebuilds_the_same_seeded_initial_weights(tmp_path):
 
 
 def test_exported_client_app_carries_the_package_and_its_settings(tmp_path):
-    app_dir = export_job(tmp_path, "--learning_rate", "0.003").parent / "app_site-1"
+    app_dir = export_job(tmp_path, "--learning_rate", "0.003")
     custom = app_dir / "custom"
     assert {p.name for p in custom.iterdir()} == {"client.py", "model.py", "brats_fl", SETTINGS_FILE}
     assert (custom / "brats_fl" / "pipeline.py").is_file() and (custom / "brats_fl" / "privacy" / "dpsgd.py").is_file()
@@ -79,9 +81,9 @@ def test_exported_client_app_carries_the_package_and_its_settings(tmp_path):
 
 
 @pytest.mark.parametrize("n_clients", [1, 3])
-def test_job_goes_to_site_1_to_n_only(tmp_path, n_clients):
+def test_deployed_job_goes_to_site_1_to_n_only(tmp_path, n_clients):
     """A deployment may have more hospitals than the job uses: the centralised job runs at site-1, not anywhere."""
-    job_dir = export_job(tmp_path, "--n_clients", str(n_clients)).parent
+    job_dir = export_job(tmp_path, "--n_clients", str(n_clients), deployed=True).parent
     deploy_map = json.loads((job_dir / "meta.json").read_text())["deploy_map"]
     sites = [f"site-{i}" for i in range(1, n_clients + 1)]
     assert deploy_map == {"app_server": ["server"], **{f"app_{s}": [s] for s in sites}}
