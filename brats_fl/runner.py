@@ -185,7 +185,8 @@ def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu:
     recipe.execute writes the job folder and raises SystemExit instead."""
     from nvflare.recipe import SimEnv
 
-    env = SimEnv(num_clients=n_clients, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
+    sites = [f"site-{i}" for i in range(1, n_clients + 1)]
+    env = SimEnv(clients=sites, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
     watchdog = Watchdog(paths.job_dir)
     try:
         with stoppable(paths.job_dir):
