@@ -104,8 +104,7 @@ def build_training_recipe(
 def deploy_to_named_sites(recipe, n_clients: int) -> None:
     """Send the job to site-1 ... site-N only (each gets the same app): a deployment may have more hospitals than the
     job uses, and the centralised baseline (--n_clients 1) must run at site-1, not at whichever site connects first.
-    (The simulator runs exactly site-1 ... site-N anyway; there, resumed jobs with per-site apps failed to find
-    client.py under load, so job.py uses this in deployments only.)
+    job.py uses it in deployments only: the simulator runs exactly site-1 ... site-N anyway.
     Must come right after the recipe is built, before any client file or filter is added."""
     from nvflare.recipe import set_per_site_config
 

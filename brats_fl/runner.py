@@ -179,7 +179,20 @@ class RunOutcome:
     error: str | None = None
 
 
+SIMULATOR_START_FLAKE = "Can not find client.py"  # NVFlare 2.9's simulator, now and then, before round 0
+
+
 def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None) -> RunOutcome:
+    """run_simulator_once, started again once if a site's executor did not find client.py in its app (seen in CI
+    on runs whose app held it; the simulator wipes the job's folder at each start)."""
+    outcome = run_simulator_once(recipe, paths, n_clients, threads, gpu)
+    if outcome.error and SIMULATOR_START_FLAKE in outcome.error:
+        print(f"The simulator failed to start a site ({SIMULATOR_START_FLAKE}); starting the run again.", flush=True)
+        outcome = run_simulator_once(recipe, paths, n_clients, threads, gpu)
+    return outcome
+
+
+def run_simulator_once(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None) -> RunOutcome:
     """Run the recipe as job paths.job_name in NVFlare's simulator under paths.workspace_root (which wipes the job's
     folder first), stoppable by SIGINT/SIGTERM and watched for sites that died. With NVFlare's --export flag,
     recipe.execute writes the job folder and raises SystemExit instead."""
