@@ -46,6 +46,7 @@ from brats_fl.settings import (
     default,
     default_job_name,
     describe_default,
+    site_names,
 )
 from brats_fl.site_data import DATA_CONFIG_ENV
 
@@ -868,7 +869,7 @@ def evaluate_checkpoint(inputs: JobInputs) -> int:
 def validating_sites(settings: TrainingSettings, n_clients: int) -> list[str]:
     """The sites whose validation Dice every round must carry."""
     if settings.validate_at == "every_site":
-        return [f"site-{i}" for i in range(1, n_clients + 1)]
+        return site_names(n_clients)
     return [settings.validating_site]
 
 
@@ -904,7 +905,7 @@ def privacy_summary(report_path: Path, n_clients: int, num_rounds: int) -> list[
     from brats_fl.privacy.report import check_report, load_report, summary_lines
 
     report = load_report(report_path)
-    check_report(report, [f"site-{i}" for i in range(1, n_clients + 1)], num_rounds)
+    check_report(report, site_names(n_clients), num_rounds)
     return summary_lines(report, report_path)
 
 

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from brats_fl.settings import KEY_METRIC, REPO_DIR, SETTINGS_FILE, TrainingSettings
+from brats_fl.settings import KEY_METRIC, REPO_DIR, SETTINGS_FILE, TrainingSettings, site_names
 
 PACKAGE_DIR = REPO_DIR / "brats_fl"
 
@@ -108,7 +108,7 @@ def deploy_to_named_sites(recipe, n_clients: int) -> None:
     Must come right after the recipe is built, before any client file or filter is added."""
     from nvflare.recipe import set_per_site_config
 
-    set_per_site_config(recipe, {f"site-{i}": {} for i in range(1, n_clients + 1)})
+    set_per_site_config(recipe, {site: {} for site in site_names(n_clients)})
 
 
 def add_privacy(recipe, settings: TrainingSettings, n_clients: int, previous_report: Path | None) -> None:

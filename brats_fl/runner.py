@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from brats_fl.job_results import JobPaths, first_client_error, site_failure_of
+from brats_fl.settings import site_names
 
 GRACE_SECONDS = 10  # SIGTERM first; whatever still runs after this gets SIGKILL
 FATAL_MARKERS = ("Stopped ClientRunner due to FATAL_SYSTEM_ERROR",)
@@ -198,8 +199,9 @@ def run_simulator_once(recipe, paths: JobPaths, n_clients: int, threads: int, gp
     recipe.execute writes the job folder and raises SystemExit instead."""
     from nvflare.recipe import SimEnv
 
-    sites = [f"site-{i}" for i in range(1, n_clients + 1)]
-    env = SimEnv(clients=sites, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
+    env = SimEnv(
+        clients=site_names(n_clients), num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root)
+    )
     watchdog = Watchdog(paths.job_dir)
     try:
         with stoppable(paths.job_dir):

@@ -214,3 +214,9 @@ def roi_size_problem(roi_size, flag: str = "--roi_size") -> str | None:
             f"{SPATIAL_MULTIPLE} (SegResNet downsamples 3 times), e.g. 224 224 144"
         )
     return None
+
+
+def site_names(n_clients: int) -> list[str]:
+    """NVFlare's names of a job's sites: site-1 ... site-N (the simulator's, and the ones a provisioned project must
+    use)."""
+    return [f"site-{i}" for i in range(1, n_clients + 1)]
