@@ -4,7 +4,7 @@ Every round: receive the global model, validate it, train ``aggregation_epochs``
 back (the Client API turns them into a weight difference, as job.py asks) with the validation Dice and the number of
 local steps, which FedAvg uses as the aggregation weight. One site validates for all (by default), scoring a snapshot
 of the received model in a background thread while it trains, so its validation does not lengthen the round.
-In an evaluation job (job.py's final evaluation, or --evaluate) the site instead scores the received model case by
+In an evaluation job (job.py's final evaluation, or --checkpoint) the site instead scores the received model case by
 case on its validation cases and sends only those scores.
 
 Its settings come from ``brats_settings.json``, which job.py ships next to this file (brats_fl/settings.py defines
@@ -32,6 +32,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
 
 import brats_fl.pipeline as bp
+from brats_fl import nvflare_compat
 from brats_fl.cache import CaseCache
 from brats_fl.evaluation import CASES_KEY, score_cases
 from brats_fl.privacy import DPSGD_META, dpsgd
@@ -43,9 +44,8 @@ LOCAL_EVENTS_DIR = "local_tb_events"  # with DP: the site's training statistics,
 
 
 def site_job_dir() -> Path:
-    """This job's folder at the site: NVFlare runs this file from <site workspace>/<job id>/app_<site>/custom/ (the
-    simulator: <workspace>/<job>/site-N/simulate_job/app_site-N/custom/)."""
-    return Path(__file__).resolve().parents[2]
+    """This job's folder at the site (where NVFlare runs this file from: brats_fl/nvflare_compat.py)."""
+    return nvflare_compat.site_job_dir(__file__)
 
 
 def site_workspace() -> Path:
@@ -88,12 +88,6 @@ def keep_dp_noise_secret() -> None:
     and draws its Laplace noise from that generator, which must not be reproducible from the public --seed.
     (MONAI's augmentation is seeded through torch, so training stays reproducible.)"""
     np.random.seed(None)
-
-
-def validates_here(settings: TrainingSettings, site_name: str) -> bool:
-    """Every site would validate the same global model on the same shared cases, the same figure N times; by default
-    one site does it and the others send no Dice (FedAvg then averages over that site alone)."""
-    return settings.validate_at == "every_site" or site_name == settings.validating_site
 
 
 def set_cpu_threads(settings: TrainingSettings, site_name: str) -> None:
@@ -149,7 +143,7 @@ def build_loaders(settings: TrainingSettings, site_name: str, device: torch.devi
     train_loader = site_loader(
         settings, site_name, device, "training", bp.training_steps(settings.roi_size, et_label), shuffle=True
     )
-    val_loader = build_validation_loader(settings, site_name, device) if validates_here(settings, site_name) else None
+    val_loader = build_validation_loader(settings, site_name, device) if settings.validates(site_name) else None
     return train_loader, val_loader
 
 
@@ -159,7 +153,7 @@ def set_up_site(settings: TrainingSettings, site_name: str) -> Site:
     if settings.dp_mechanism:
         keep_dp_noise_secret()
     device = bp.select_device()
-    use_amp = device.type == "cuda" and settings.amp and settings.dp_mechanism != "dpsgd"  # DP-SGD: full precision
+    use_amp = settings.uses_amp(device.type)
     train_loader, val_loader = build_loaders(settings, site_name, device)
     model = BratsSegResNet(init_filters=settings.init_filters).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
@@ -288,13 +282,13 @@ def final_evaluation(settings: TrainingSettings, site_name: str, params: dict) -
     """The received model's per-case scores on the site's validation cases (brats_fl/evaluation.py, the code
     result_stat uses): {"cases": {case id: scores}}, or {} at a site that does not validate. Only these scores leave
     the site."""
-    if not validates_here(settings, site_name):
+    if not settings.validates(site_name):
         return {}
     device = bp.select_device()
     model = BratsSegResNet(init_filters=settings.init_filters).to(device)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})  # the evaluation job sends NumPy
     loader = build_validation_loader(settings, site_name, device)
-    use_amp = device.type == "cuda" and settings.amp and settings.dp_mechanism != "dpsgd"
+    use_amp = settings.uses_amp(device.type)
     started = time.perf_counter()
     cases = score_cases(model, loader, device, settings.infer_roi_size, use_amp=use_amp)
     print(f"[{site_name}] final evaluation: {len(cases)} cases in {time.perf_counter() - started:.1f} s", flush=True)
@@ -353,7 +347,7 @@ def main() -> None:
         if input_model is None:
             break
         try:
-            if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --evaluate)
+            if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --checkpoint)
                 flare.send(flare.FLModel(metrics=final_evaluation(settings, site_name, input_model.params)))
                 continue
             if site is None:

@@ -1,8 +1,6 @@
-"""The NVFlare pieces job.py adds to NVFlare's FedAvg for long runs; they run on the server, inside the job.
+"""The NVFlare components job.py adds to its jobs; they run on the server, inside the job. (The FedAvg controller
+that can start at a later round is with the other NVFlare 2.9 specifics, in brats_fl/nvflare_compat.py.)
 
-- :class:`ResumableFedAvgRecipe` and its controller :class:`BratsFedAvg`: NVFlare's FedAvg that can start at a later
-  round (a resumed job) with the early-stopping state the earlier rounds left, and that never stops at round 0 (round
-  0 validates the untrained model, and the best-model selection skips it).
 - :class:`LastGlobalModelKeeper`: writes the global model after every aggregation, atomically, with its round, so a
   stopped or crashed job can continue from it (NVFlare's own checkpoint is written in place, and only when the model
   improves once early stopping is on).
@@ -26,86 +24,14 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_common.workflows.fedavg import FedAvg
-from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.widgets.widget import Widget
 
 from brats_fl.evaluation import CASES_KEY
 from brats_fl.job_results import FINAL_EVALUATION_FILE, LAST_MODEL_FILE
 from brats_fl.settings import SITE_FAILURE_MARK, SITE_FAILURE_META
-
-
-class BratsFedAvg(FedAvg):
-    def __init__(self, *args, best_value: float | None = None, rounds_without_improvement: int = 0, **kwargs):
-        """NVFlare's FedAvg controller, its early-stopping state seeded from the rounds a resumed job already ran.
-
-        Args:
-            best_value: the best value of the stop condition's metric in the earlier rounds (None: none yet).
-            rounds_without_improvement: rounds since that best value, which --patience counts on from.
-            args, kwargs: NVFlare's FedAvg arguments (NVFlare's job configuration looks for them in the base
-                classes only when the constructor takes both *args and **kwargs).
-        """
-        super().__init__(*args, **kwargs)
-        self.best_value = best_value
-        self.rounds_without_improvement = rounds_without_improvement
-        self.best_target_metric_value = best_value
-        self.num_fl_rounds_without_improvement = rounds_without_improvement
-
-    def is_curr_model_better(self, curr_model: FLModel) -> bool:
-        if self.current_round == 0:
-            return False  # the untrained model's Dice is no best value to improve on
-        return super().is_curr_model_better(curr_model)
-
-    def should_stop(self, metrics: dict | None = None) -> bool:
-        return self.current_round != 0 and super().should_stop(metrics)
-
-
-class ResumableFedAvgRecipe(FedAvgRecipe):
-    def __init__(
-        self, *, start_round: int = 0, best_value: float | None = None, rounds_without_improvement: int = 0, **kwargs
-    ) -> None:
-        """NVFlare's PyTorch FedAvg recipe, its controller a :class:`BratsFedAvg` that runs ``num_rounds`` rounds
-        numbered start_round, start_round + 1, ...
-
-        Args:
-            start_round: the first round to run.
-            best_value, rounds_without_improvement: the early-stopping state of the earlier rounds.
-            kwargs: FedAvgRecipe's arguments.
-        """
-        self._resume_state = {
-            "start_round": start_round,
-            "best_value": best_value,
-            "rounds_without_improvement": rounds_without_improvement,
-        }
-        super().__init__(**kwargs)
-
-    def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> FedAvg:
-        """FedAvgRecipe's controller, as NVFlare 2.9's recipe builds it, but a BratsFedAvg."""
-        return BratsFedAvg(
-            num_clients=self.min_clients,
-            num_rounds=self.num_rounds,
-            persistor_id=persistor_id,
-            model=model_params,
-            save_filename=self.save_filename,
-            aggregator=model_aggregator,
-            stop_cond=self.stop_cond,
-            patience=self.patience,
-            task_name="train",
-            exclude_vars=self.exclude_vars,
-            aggregation_weights=self.aggregation_weights,
-            memory_gc_rounds=self.server_memory_gc_rounds,
-            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
-            **self._resume_state,
-        )
-
-
-def add_server_component(recipe, component) -> None:
-    """Add a component to the server app (NVFlare's own recipe helpers, e.g. add_experiment_tracking, do it so)."""
-    recipe._job.to_server(component)
 
 
 def write_atomically(path: Path, write) -> None:

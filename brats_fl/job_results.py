@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brats_fl.nvflare_compat import SERVER_APP_DIR, SERVER_RUN_DIR
+from brats_fl.settings import SETTINGS_FILE, SITE_FAILURE_MARK
+
 BEST_MODEL_FILE = "best_FL_global_model.pt"
 GLOBAL_MODEL_FILE = "FL_global_model.pt"  # NVFlare's checkpoint of the last (with early stopping: best) global model
 LAST_MODEL_FILE = "last_global_model.pt"  # the project's: the global model of the last round, and that round
@@ -37,11 +40,16 @@ class JobPaths:
 
     @property
     def server_job_dir(self) -> Path:
-        return self.job_dir / "server" / "simulate_job"
+        return self.job_dir / SERVER_RUN_DIR
 
     @property
     def best_model(self) -> Path:
-        return self.server_job_dir / "app_server" / BEST_MODEL_FILE
+        return self.server_job_dir / SERVER_APP_DIR / BEST_MODEL_FILE
+
+    @property
+    def nvflare_global_model(self) -> Path:
+        """NVFlare's own checkpoint of the global model (with early stopping: the best one)."""
+        return self.server_job_dir / SERVER_APP_DIR / GLOBAL_MODEL_FILE
 
     @property
     def tb_events(self) -> Path:
@@ -76,7 +84,7 @@ class JobPaths:
     @property
     def settings_file(self) -> Path:
         """The settings every site trained with, shipped in the job."""
-        return self.server_job_dir / "app_server" / "custom" / "brats_settings.json"
+        return self.server_job_dir / SERVER_APP_DIR / "custom" / SETTINGS_FILE
 
     @property
     def resumed_dir(self) -> Path:
@@ -178,44 +186,8 @@ def summarize_job(workspace_root: Path, job_name: str, expected_rounds: int, val
     return JobSummary(paths=paths, rounds=rounds, best_round=best, best_metrics=best_metrics)
 
 
-def first_client_error(workspace_root: Path, job_name: str) -> str | None:
-    """The exception that made a site fail (e.g. 'site-2: ValueError: ...'), to say why a job failed.
-
-    Sites that were only aborted because another site failed log 'request to abort' errors; those are reported only
-    when nothing else was logged.
-    """
-    job_dir = JobPaths(Path(workspace_root), job_name).job_dir
-    found = []
-    for log in sorted(job_dir.glob("site-*/error_log.txt")):
-        for line in log.read_text(errors="replace").splitlines():
-            head = line.split(":", 1)[0]
-            if head.isidentifier() and head.endswith(("Error", "Exception")):
-                found.append(f"{log.parent.name}: {line.strip()}")
-    root_causes = [f for f in found if "abort" not in f and "RuntimeError: applying transform" not in f]
-    return (root_causes or found or [None])[0]
-
-
-def early_stop_of(server_log: Path) -> tuple[str, int] | None:
-    """(which early-stopping rule ended the run, at which round) from NVFlare 2.9's FedAvg log lines; None if no
-    rule did."""
-    if not server_log.is_file():
-        return None
-    rule = None
-    for line in server_log.read_text(errors="replace").splitlines():
-        if "Early stop condition satisfied:" in line:
-            rule = f"--stop_dice ({line.split('satisfied:', 1)[1].strip()})"
-        elif "Exceeded the number of FL rounds" in line and "without improvements" in line:
-            rounds = line.split("FL rounds (", 1)[1].split(")", 1)[0]
-            rule = f"--patience ({rounds} rounds without a better val_dice)"
-        elif "Stopping at round=" in line and rule:
-            return rule, int(line.split("Stopping at round=", 1)[1].split()[0])
-    return None
-
-
 def site_failure_of(server_log: Path) -> str | None:
     """The error a failing site reported to the server (client.py's report_failure), e.g. 'site-2: ValueError: ...'."""
-    from brats_fl.settings import SITE_FAILURE_MARK
-
     if not server_log.is_file():
         return None
     for line in server_log.read_text(errors="replace").splitlines():

@@ -1,9 +1,8 @@
-"""The two NVFlare jobs job.py runs, built from one TrainingSettings: training (FedAvg) and evaluation at the sites.
+"""What job.py adds to its NVFlare recipes, and the evaluation job.
 
-Training: NVFlare's FedAvg recipe around BratsSegResNet. Sites send weight differences with their validation Dice,
-the server keeps the global model with the best val_dice, TensorBoard tracking is on, and the server also keeps the
-last global model after every round (what a resumed job continues from). With --enable_dp the chosen mechanism and
-the server filter that writes the privacy report are added.
+Training (built in job.py): NVFlare's FedAvg recipe around BratsSegResNet, to which this module adds the files every
+site runs (:func:`ship_app_files`), the early-stopping condition, and with --enable_dp the chosen mechanism and the
+server filter that writes the privacy report (:func:`add_privacy`).
 
 Evaluation: NVFlare's FedEvalRecipe sends one checkpoint to the sites; each scores it on its own validation cases
 (client.py) and only the per-case scores come back, which a server filter keeps.
@@ -13,23 +12,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from brats_fl.settings import KEY_METRIC, REPO_DIR, SETTINGS_FILE, TrainingSettings, site_names
 
 PACKAGE_DIR = REPO_DIR / "brats_fl"
-
-
-@dataclass(frozen=True)
-class StartPoint:
-    """Where a training run starts: round 0 from fresh weights, or a later round of a resumed job."""
-
-    round: int = 0
-    initial_ckpt: Path | None = None  # the global model to start from
-    privacy_report: Path | None = None  # the releases already spent, which the new report keeps counting
-    best_value: float | None = None  # best val_dice of the earlier rounds (early stopping goes on from it)
-    rounds_without_improvement: int = 0
 
 
 def stage_app_files(settings: TrainingSettings) -> Path:
@@ -42,6 +30,14 @@ def stage_app_files(settings: TrainingSettings) -> Path:
     return staged
 
 
+def ship_app_files(recipe, settings: TrainingSettings) -> None:
+    """Send the brats_fl package, model.py and the settings to every site and to the server (whose components are in
+    brats_fl), next to the script."""
+    app_files = stage_app_files(settings)
+    recipe.add_client_file(str(app_files))
+    recipe.add_server_file(str(app_files))
+
+
 def stop_condition(settings: TrainingSettings) -> str | None:
     """NVFlare's stop_cond for --stop_dice / --patience. NVFlare counts patience only with a stop condition, so
     patience alone gets one that no Dice meets."""
@@ -52,60 +48,11 @@ def stop_condition(settings: TrainingSettings) -> str | None:
     return None
 
 
-def build_training_recipe(
-    settings: TrainingSettings,
-    model,
-    name: str,
-    n_clients: int,
-    rounds_to_run: int,
-    start: StartPoint = StartPoint(),
-    named_sites: bool = False,
-):
-    """FedAvg of model (the server rebuilds it from its constructor arguments) over n_clients sites, running rounds
-    start.round ... start.round + rounds_to_run - 1; named_sites: for site-1 ... site-N only (deployments)."""
-    from nvflare.client.config import TransferType
-    from nvflare.recipe.utils import add_experiment_tracking
-
-    from brats_fl.fl_components import (
-        LastGlobalModelKeeper,
-        ResumableFedAvgRecipe,
-        SiteFailureWatcher,
-        add_server_component,
-    )
-
-    recipe = ResumableFedAvgRecipe(
-        name=name,
-        model=model,
-        initial_ckpt=str(start.initial_ckpt) if start.initial_ckpt else None,
-        min_clients=n_clients,
-        num_rounds=rounds_to_run,
-        train_script="client.py",  # relative: shipped in the job, so an exported job runs anywhere
-        params_transfer_type=TransferType.DIFF,
-        key_metric=KEY_METRIC,
-        stop_cond=stop_condition(settings),
-        patience=settings.patience,
-        start_round=start.round,
-        best_value=start.best_value,
-        rounds_without_improvement=start.rounds_without_improvement,
-    )
-    if named_sites:
-        deploy_to_named_sites(recipe, n_clients)
-    app_files = stage_app_files(settings)
-    recipe.add_client_file(str(app_files))
-    recipe.add_server_file(str(app_files))  # the server components below are in brats_fl
-    add_experiment_tracking(recipe, "tensorboard")
-    add_server_component(recipe, LastGlobalModelKeeper())
-    recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["train"])
-    if settings.dp_mechanism:
-        add_privacy(recipe, settings, n_clients, start.privacy_report)
-    return recipe
-
-
-def deploy_to_named_sites(recipe, n_clients: int) -> None:
+def send_to_named_sites(recipe, n_clients: int) -> None:
     """Send the job to site-1 ... site-N only (each gets the same app): a deployment may have more hospitals than the
     job uses, and the centralised baseline (--n_clients 1) must run at site-1, not at whichever site connects first.
-    job.py uses it in deployments only: the simulator runs exactly site-1 ... site-N anyway.
-    Must come right after the recipe is built, before any client file or filter is added."""
+    For deployments only (the simulator runs exactly site-1 ... site-N anyway); must come right after the recipe is
+    built, before any client file or filter is added."""
     from nvflare.recipe import set_per_site_config
 
     set_per_site_config(recipe, {site: {} for site in site_names(n_clients)})
@@ -172,10 +119,8 @@ def build_evaluation_recipe(
         server_expected_format=ExchangeFormat.PYTORCH,
     )
     if named_sites:
-        deploy_to_named_sites(recipe, n_clients)
-    app_files = stage_app_files(settings)
-    recipe.add_client_file(str(app_files))
-    recipe.add_server_file(str(app_files))
+        send_to_named_sites(recipe, n_clients)
+    ship_app_files(recipe, settings)
     recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["validate"])
     recipe.add_server_input_filter(FinalEvaluationCollector(), tasks=["validate"])
     return recipe

@@ -11,35 +11,32 @@ if a round of the continuation beat every earlier round. Records of a round that
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import tempfile
-from dataclasses import fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from brats_fl.job_results import (
-    GLOBAL_MODEL_FILE,
-    JobPaths,
-    RoundMetrics,
-    best_round_of,
-    early_stop_of,
-    read_round_metrics,
-)
-from brats_fl.recipes import StartPoint
+from brats_fl.job_results import JobPaths, RoundMetrics, best_round_of, read_round_metrics
+from brats_fl.nvflare_compat import early_stop_of
 from brats_fl.runner import SUBMITTED_FILE
-from brats_fl.settings import KEY_METRIC, SETTINGS_FILE, SettingsError, TrainingSettings
+from brats_fl.settings import KEY_METRIC, InputError, SettingsError, TrainingSettings
 
 FOLDED_MARKER = "folded_into_job"  # written in a continuation's folder once its outputs are in the job's
-# Flags --resume accepts besides the job folder: how and where the continuation runs, and when it stops. Any other
-# flag must agree with the settings the job started with (they are read from the job).
-RESUME_MAY_SET = {
-    "resume", "gpu", "threads", "num_workers", "cache_dir", "no_cache", "no_amp",
-    "dataset_base_dir", "stop_after_round", "stop_dice", "patience", "no_final_eval", "env", "startup_kit",
-}  # fmt: skip
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError):
     """The folder cannot be resumed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a training run starts: round 0 from fresh weights, or a later round of a resumed job."""
+
+    round: int = 0
+    initial_ckpt: Path | None = None  # the global model to start from
+    privacy_report: Path | None = None  # the releases already spent, which the new report keeps counting
+    best_value: float | None = None  # best val_dice of the earlier rounds (early stopping goes on from it)
+    rounds_without_improvement: int = 0
 
 
 def part_name(start_round: int) -> str:
@@ -53,11 +50,6 @@ def part_paths(job: JobPaths, start_round: int) -> JobPaths:
 
 def completed_rounds(paths: JobPaths) -> list[RoundMetrics]:
     return read_round_metrics(paths.round_metrics) if paths.round_metrics.is_file() else []
-
-
-def last_completed_round(paths: JobPaths) -> int:
-    """The last round whose aggregation the server recorded (-1 if none)."""
-    return max((r.round for r in completed_rounds(paths)), default=-1)
 
 
 def last_model_round(paths: JobPaths) -> int:
@@ -108,8 +100,8 @@ def fold_part_into_job(job: JobPaths, part: JobPaths, start_round: int) -> None:
     write_round_records(job.round_metrics, part.round_metrics, start_round)
     keep_only_steps_before(job.tb_events, start_round)
     copy_events(part.tb_events, job.tb_events)
-    for name in (job.last_global_model.name, GLOBAL_MODEL_FILE, job.privacy_report.name):
-        replace_with(part.server_job_dir / name, job.server_job_dir / name)
+    for of in (lambda p: p.last_global_model, lambda p: p.nvflare_global_model, lambda p: p.privacy_report):
+        replace_with(of(part), of(job))
     merged = best_round_of(earlier + later)
     if merged >= start_round or best_before < 0:
         replace_with(part.best_model, job.best_model)
@@ -193,18 +185,11 @@ def resumed_parts(job: JobPaths) -> list[tuple[int, JobPaths]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What job.py checks before it resumes a job (or scores a job's model)
+# A job that exists: its settings and sites (for --resume, and --checkpoint of a job's model)
 # ---------------------------------------------------------------------------------------------------------------
-def settings_beside(checkpoint: Path) -> Path | None:
-    """The settings file of the job a checkpoint belongs to (its best model or its last global model), if any."""
-    for candidate in (checkpoint.parent / "custom", checkpoint.parent / "app_server" / "custom"):
-        if (candidate / SETTINGS_FILE).is_file():
-            return (candidate / SETTINGS_FILE).resolve()
-    return None
-
-
-def read_job_settings(job: JobPaths, what: str, path: Path | None = None) -> TrainingSettings:
-    path = path or job.settings_file
+def read_job_settings(job: JobPaths, what: str) -> TrainingSettings:
+    """The settings every site of the job trained with, as job.py shipped them in the job."""
+    path = job.settings_file
     if not path.is_file():
         raise ResumeError(f"{what}: no {path}: not the folder of a job made by job.py (<workspace>/<job_name>)")
     try:
@@ -224,65 +209,6 @@ def count_sites(job_dir: Path, what: str) -> int:
     return n
 
 
-def job_value(flag: str, settings: TrainingSettings, n_clients: int):
-    """What the job's settings say for a flag (a KeyError for flags that are not about training)."""
-    derived = {
-        "n_clients": n_clients,
-        "enable_dp": settings.dp_mechanism is not None,
-        "dp_mechanism": settings.dp_mechanism,
-        "validate_every_site": settings.validate_at == "every_site",
-        "datalist_json_path": settings.datalist_json_path,
-    }
-    if flag in derived:
-        return derived[flag]
-    if flag in {f.name for f in fields(TrainingSettings)}:
-        return getattr(settings, flag)
-    raise KeyError(flag)
-
-
-def refuse_changed_settings(
-    explicit: dict, settings: TrainingSettings, n_clients: int, allowed: set, what: str, why: str
-) -> None:
-    """ResumeError for the first given flag, outside allowed, that disagrees with the job's settings.
-
-    why: the sentence that ends the error (why the job's value holds)."""
-
-    def shown(value) -> str:
-        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-    for flag, value in explicit.items():
-        if flag in allowed:
-            continue
-        try:
-            theirs = job_value(flag, settings, n_clients)
-        except KeyError:
-            raise ResumeError(f"{what}: --{flag} cannot be given here: the job folder fixes it") from None
-        same = (
-            Path(value).resolve() == Path(theirs or "").resolve()
-            if flag == "datalist_json_path"
-            else (tuple(value) == tuple(theirs) if isinstance(value, (list, tuple)) else value == theirs)
-        )
-        if not same:
-            raise ResumeError(f"{what}: --{flag} {shown(value)} differs from the job's {shown(theirs)}: {why}")
-
-
-def apply_resume_flags(settings: TrainingSettings, explicit: dict, torch_threads: int) -> TrainingSettings:
-    """The job's settings with the hardware, data-location and stopping flags of this command."""
-    changes = {"torch_threads": torch_threads}
-    for name in ("num_workers", "stop_dice", "patience"):
-        if name in explicit:
-            changes[name] = explicit[name]
-    if "dataset_base_dir" in explicit:
-        changes["dataset_base_dir"] = str(Path(explicit["dataset_base_dir"]).resolve())
-    if "cache_dir" in explicit:
-        changes["cache_dir"] = str(Path(explicit["cache_dir"]).resolve())
-    if explicit.get("no_cache"):
-        changes["cache_dir"] = None
-    if explicit.get("no_amp"):
-        changes["amp"] = False
-    return replace(settings, **changes)
-
-
 def job_end(job: JobPaths) -> str | None:
     """How the job ended if an early-stopping rule ended it (in its first part or a resumed one), else None."""
     for paths in [job, *(part for _, part in resumed_parts(job))]:
@@ -290,16 +216,3 @@ def job_end(job: JobPaths) -> str | None:
         if stop:
             return f"stopped early at round {stop[1]} by {stop[0]}"
     return None
-
-
-def resume_command(job_dir: Path, explicit: dict) -> str:
-    """python job.py --resume <job folder>, with the given flags that the job folder does not keep."""
-    words = ["python", "job.py", "--resume", str(job_dir)]
-    for flag, value in explicit.items():
-        if flag not in RESUME_MAY_SET or flag in ("resume", "stop_after_round"):
-            continue
-        if value is True:
-            words.append(f"--{flag}")
-        elif value not in (False, None):
-            words += [f"--{flag}", str(value)]
-    return shlex.join(words)

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import psutil
 
-from brats_fl.job_results import JobPaths, first_client_error, site_failure_of
-from brats_fl.settings import site_names
+from brats_fl.job_results import JobPaths, site_failure_of
+from brats_fl.nvflare_compat import DOWNLOADED_WORKSPACE, FATAL_SITE_MARKERS, admin_username, first_client_error
 
 GRACE_SECONDS = 10  # SIGTERM first; whatever still runs after this gets SIGKILL
-FATAL_MARKERS = ("Stopped ClientRunner due to FATAL_SYSTEM_ERROR",)
 
 
 class JobInterrupted(BaseException):
@@ -154,22 +153,12 @@ class Watchdog(threading.Thread):
             complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
             self._read_up_to[log] = start + len(complete)
             for line in complete.decode(errors="replace").splitlines():
-                if any(marker in line for marker in FATAL_MARKERS):
+                if any(marker in line for marker in FATAL_SITE_MARKERS):
                     return f"{log.parent.name}: {line.split(' - ', 3)[-1].strip()}"
         return None
 
     def stop(self) -> None:
         self._done.set()
-
-
-def wait_for(condition, timeout: float, period: float = 0.5) -> bool:
-    """Poll condition() until it is true or timeout seconds have passed; returns whether it became true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(period)
-    return bool(condition())
 
 
 @dataclass
@@ -180,28 +169,13 @@ class RunOutcome:
     error: str | None = None
 
 
-SIMULATOR_START_FLAKE = "Can not find client.py"  # NVFlare 2.9's simulator, now and then, before round 0
-
-
-def run_in_simulator(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None) -> RunOutcome:
-    """run_simulator_once, started again once if a site's executor did not find client.py in its app (seen in CI
-    on runs whose app held it; the simulator wipes the job's folder at each start)."""
-    outcome = run_simulator_once(recipe, paths, n_clients, threads, gpu)
-    if outcome.error and SIMULATOR_START_FLAKE in outcome.error:
-        print(f"The simulator failed to start a site ({SIMULATOR_START_FLAKE}); starting the run again.", flush=True)
-        outcome = run_simulator_once(recipe, paths, n_clients, threads, gpu)
-    return outcome
-
-
-def run_simulator_once(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None) -> RunOutcome:
+def run_in_simulator(recipe, paths: JobPaths, clients: list[str], threads: int, gpu: str | None) -> RunOutcome:
     """Run the recipe as job paths.job_name in NVFlare's simulator under paths.workspace_root (which wipes the job's
     folder first), stoppable by SIGINT/SIGTERM and watched for sites that died. With NVFlare's --export flag,
     recipe.execute writes the job folder and raises SystemExit instead."""
-    from nvflare.recipe import SimEnv
+    from brats_fl.nvflare_compat import SimulatorEnv
 
-    env = SimEnv(
-        clients=site_names(n_clients), num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root)
-    )
+    env = SimulatorEnv(clients=clients, num_threads=threads, gpu_config=gpu, workspace_root=str(paths.workspace_root))
     watchdog = Watchdog(paths.job_dir)
     try:
         with stoppable(paths.job_dir):
@@ -209,7 +183,7 @@ def run_simulator_once(recipe, paths: JobPaths, n_clients: int, threads: int, gp
             recipe.execute(env)
     except JobInterrupted as stop:
         return RunOutcome(interrupted=stop)
-    except Exception as e:  # the simulator raises when an in-process site fails
+    except Exception as e:  # the simulator exits non-zero when a site fails
         return RunOutcome(error=failure_of(paths) or watchdog.reason or str(e))
     finally:
         watchdog.stop()
@@ -219,20 +193,10 @@ def run_simulator_once(recipe, paths: JobPaths, n_clients: int, threads: int, gp
 
 def failure_of(paths: JobPaths) -> str | None:
     """Why a site failed: what it reported to the server, else the first error in the sites' logs."""
-    return site_failure_of(paths.server_log) or first_client_error(paths.workspace_root, paths.job_name)
+    return site_failure_of(paths.server_log) or first_client_error(paths.job_dir)
 
 
-ENVIRONMENTS = ("sim", "poc", "prod")
 SUBMITTED_FILE = "submitted.json"  # in a deployed job's local folder: where and as what it ran
-
-
-def run_job(recipe, paths: JobPaths, n_clients: int, threads: int, gpu: str | None, env: str = "sim",
-            startup_kit: str | None = None) -> RunOutcome:  # fmt: skip
-    """Run the recipe in NVFlare's simulator, or submit it to a POC or a provisioned deployment; either way the
-    server's outputs end up in paths.server_job_dir."""
-    if env == "sim":
-        return run_in_simulator(recipe, paths, n_clients, threads, gpu)
-    return run_deployed(recipe, paths, n_clients, gpu, env, startup_kit)
 
 
 def deployment_env(env: str, n_clients: int, gpu: str | None, startup_kit: str | None):
@@ -242,14 +206,6 @@ def deployment_env(env: str, n_clients: int, gpu: str | None, startup_kit: str |
         gpu_ids = [int(g) for g in gpu.split(",")] if gpu else None
         return PocEnv(num_clients=n_clients, gpu_ids=gpu_ids)
     return ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(Path(startup_kit)))
-
-
-ADMIN_CONFIG = Path("startup") / "fed_admin.json"  # in an admin's startup kit, written by nvflare provision
-
-
-def admin_username(startup_kit: Path) -> str:
-    """The admin the kit was provisioned for: ProdEnv logs in as admin@nvidia.com unless told otherwise."""
-    return json.loads((startup_kit / ADMIN_CONFIG).read_text())["admin"]["username"]
 
 
 def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: str, startup_kit: str | None):
@@ -270,7 +226,7 @@ def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: 
                     result = deployment.get_job_result(job_id, timeout=0.0)
                 raise_if_stop_requested()
                 if result:
-                    shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
+                    shutil.copytree(Path(result) / DOWNLOADED_WORKSPACE, paths.server_job_dir, dirs_exist_ok=True)
             except JobInterrupted:
                 if job_id:
                     abort_and_download(deployment, job_id, paths)
@@ -337,6 +293,6 @@ def abort_and_download(deployment, job_id: str, paths: JobPaths, timeout: float 
             deployment.abort_job(job_id)
             result = deployment.get_job_result(job_id, timeout=timeout)
         if result:
-            shutil.copytree(Path(result) / "workspace", paths.server_job_dir, dirs_exist_ok=True)
+            shutil.copytree(Path(result) / DOWNLOADED_WORKSPACE, paths.server_job_dir, dirs_exist_ok=True)
     except Exception:
         pass

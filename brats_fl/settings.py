@@ -44,17 +44,22 @@ CACHE_FOLDER = "preprocessed"  # default disk cache: <workspace>/preprocessed, s
 SPATIAL_MULTIPLE = 8  # SegResNet downsamples 3 times: every spatial size must be divisible by 8
 
 
-class SettingsError(ValueError):
+class InputError(ValueError):
+    """A user error found before anything runs: reported as one line that names the flag or file, exit code 2."""
+
+
+class SettingsError(InputError):
     """A setting no run can use; the message names the flag and what it needs."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The settings every site trains and validates with
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class TrainingSettings:
     """The paper's configuration (Li et al. 2019: SegResNet-16, Adam 1e-4, 224x224x144 crops, 600 rounds of one
-    local epoch). Field names are the flag names of job.py."""
+    local epoch). Field names are the flag names of job.py. Frozen: a run's settings are fixed once the flags are
+    read (dataclasses.replace makes a changed copy)."""
 
     # federation
     num_rounds: int = 600
@@ -94,8 +99,8 @@ class TrainingSettings:
     dp_secure_mode: bool = False
 
     def __post_init__(self) -> None:
-        self.roi_size = tuple(int(s) for s in self.roi_size)
-        self.infer_roi_size = tuple(int(s) for s in self.infer_roi_size)
+        for name in ("roi_size", "infer_roi_size"):  # JSON and argparse give lists
+            object.__setattr__(self, name, tuple(int(s) for s in getattr(self, name)))
 
     def check(self) -> None:
         """SettingsError naming the first flag whose value no run can use."""
@@ -138,6 +143,20 @@ class TrainingSettings:
             for flag in ("dp_epsilon", "dp_noise_var", "dp_gamma"):
                 if not (getattr(self, flag) > 0 and math.isfinite(getattr(self, flag))):
                     yield f"--{flag} {getattr(self, flag)}: need a finite value > 0"
+
+    # The rules every part of the project applies to these settings, written once
+    def uses_amp(self, device_type: str) -> bool:
+        """Mixed precision: on CUDA when --no_amp is not given, never under DP-SGD (clipping needs full precision)."""
+        return device_type == "cuda" and self.amp and self.dp_mechanism != "dpsgd"
+
+    def validates(self, site: str) -> bool:
+        """Whether the site validates the global model: every site, or the one that validates for all (the sites
+        share the validation cases, so the others would compute the same figure again)."""
+        return self.validate_at == "every_site" or site == self.validating_site
+
+    def validating_sites(self, n_clients: int) -> list[str]:
+        """The sites whose validation Dice every round carries."""
+        return [site for site in site_names(n_clients) if self.validates(site)]
 
     # JSON: the document the sites read
     def to_json(self) -> str:

@@ -16,10 +16,9 @@ import psutil
 import pytest
 from test_e2e import tiny_args
 
-import job
 from brats_fl.job_results import JobPaths, read_round_metrics
 from brats_fl.privacy import report as privacy_report
-from brats_fl.settings import TrainingSettings
+from brats_fl.settings import EXIT_FAILED, REPO_DIR, TrainingSettings
 from brats_fl.site_data import DATA_CONFIG_ENV
 from result_stat.tb_events import read_site_scalars
 
@@ -70,15 +69,15 @@ def test_poc_job_with_site_local_data_settings(tiny_federation, tmp_path):
     argv = [a for a in argv if a not in ("--dataset_base_dir", "--datalist_json_path", str(tmp_path / "unused"))]
     command = [sys.executable, "job.py", *argv, "--env", "poc"]
 
-    failed = subprocess.run(command, capture_output=True, text=True, cwd=job.REPO_DIR, env=env, timeout=600)
-    assert failed.returncode == job.EXIT_FAILED, failed.stdout[-2000:] + failed.stderr[-2000:]
+    failed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR, env=env, timeout=600)
+    assert failed.returncode == EXIT_FAILED, failed.stdout[-2000:] + failed.stderr[-2000:]
     assert (
         f"site-2: data setting ({DATA_CONFIG_ENV}={settings_dir}/{{site}}.json) {settings_dir}/site-2.json: "
         f"dataset_base_dir {tmp_path / 'nowhere'} is not a folder"
     ) in failed.stderr
 
     (settings_dir / "site-2.json").write_text(json.dumps(site_2))
-    done = subprocess.run(command, capture_output=True, text=True, cwd=job.REPO_DIR, env=env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Job brats18_2_dp finished: 2 rounds" in done.stdout
     paths = JobPaths(tmp_path / "ws", "brats18_2_dp")

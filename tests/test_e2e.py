@@ -14,7 +14,8 @@ from recording_filter import UpdateRecorder
 import job
 from brats_fl.job_results import JobPaths, summarize_job
 from brats_fl.privacy.report import TB_TAG
-from brats_fl.runner import run_in_simulator
+from brats_fl.run_options import run_from_argv
+from brats_fl.settings import EXIT_FAILED, REPO_DIR
 from result_stat.tb_events import read_site_scalars
 
 pytestmark = pytest.mark.e2e
@@ -51,13 +52,13 @@ def tiny_args(data_dir: Path, datalist_dir: Path, workspace: Path, *extra: str) 
 
 def run_recorded(argv: list[str], record_dir: Path):
     """Run the job as job.py would (without DP), recording what the sites send and what the server receives."""
-    inputs = job.prepare(argv)
-    recipe = job.build_recipe(inputs)
+    run = run_from_argv(argv)
+    recipe = job.training_recipe(run)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
     recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
-    outcome = run_in_simulator(recipe, inputs.job, inputs.args.n_clients, inputs.args.threads, inputs.args.gpu)
+    outcome = run.env.run(recipe, run.job, run.n_clients, run.threads, run.gpu)
     assert outcome.error is None and outcome.interrupted is None, outcome
-    return inputs.args
+    return run
 
 
 def load_update(record_dir: Path, tag: str, site: str, round_num: int) -> tuple[dict, dict]:
@@ -74,9 +75,9 @@ def recorded_updates(record_dir: Path):
             yield (site, r, *load_update(record_dir, "raw", site, r), *load_update(record_dir, "received", site, r))
 
 
-def assert_complete_job(args, n_sites: int, training_tags: set[str] = TRAINING_TAGS):
+def assert_complete_job(run, n_sites: int, training_tags: set[str] = TRAINING_TAGS):
     """Best model, and TensorBoard curves: the validating site (site-1) logs the Dice, every site its training."""
-    summary = summarize_job(Path(args.workspace), args.job_name, 2, ["site-1"])
+    summary = summarize_job(run.job.workspace_root, run.job.job_name, 2, ["site-1"])
     assert summary.paths.best_model.is_file()
     assert summary.best_round == 1
     assert 0.0 <= summary.best_metrics["val_dice"] <= 1.0
@@ -96,9 +97,9 @@ def test_federated_two_clients_without_dp(tiny_federation, tmp_path):
     data_dir, datalist_dir = tiny_federation
     # FedProx on: its proximal term runs inside the clients' training loop (mu small enough not to matter here)
     argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--fedproxloss_mu", "0.01")
-    args = run_recorded(argv, tmp_path / "rec")
-    assert args.job_name == "brats18_2"
-    assert_complete_job(args, 2)
+    run = run_recorded(argv, tmp_path / "rec")
+    assert run.job.job_name == "brats18_2"
+    assert_complete_job(run, 2)
     for _site, _round, raw, raw_meta, received, _ in recorded_updates(tmp_path / "rec"):
         assert raw_meta["data_kind"] == "WEIGHT_DIFF"  # the clients send differences, not weights
         assert all(np.array_equal(raw[k], received[k]) for k in raw)  # no DP: what is sent arrives
@@ -107,7 +108,7 @@ def test_federated_two_clients_without_dp(tiny_federation, tmp_path):
 def test_centralised_single_client_from_the_command_line(tiny_federation, tmp_path):
     data_dir, datalist_dir = tiny_federation
     argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "1")
-    done = subprocess.run([sys.executable, "job.py", *argv], capture_output=True, text=True, cwd=job.REPO_DIR)
+    done = subprocess.run([sys.executable, "job.py", *argv], capture_output=True, text=True, cwd=REPO_DIR)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Job brats18_1 finished: 2 rounds" in done.stdout
     assert "best global val_dice" in done.stdout and "tensorboard --logdir" in done.stdout
@@ -136,7 +137,7 @@ def test_a_crashing_client_fails_the_job(tiny_federation, tmp_path, capsys):
     argv = tiny_args(broken, broken / "datalist", tmp_path / "ws", "--n_clients", "2")
     code = job.main(argv)
     out, err = capsys.readouterr()
-    assert code == job.EXIT_FAILED
+    assert code == EXIT_FAILED
     assert "error: job brats18_2 failed: site-2: ValueError:" in err
     assert Path(first).name in err and "label values [3]" in err  # names the file and the offending value
     assert "finished:" not in out

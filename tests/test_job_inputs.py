@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 import job
-from brats_fl.settings import DEMO_OVERRIDES
+from brats_fl import cli
+from brats_fl.run_options import new_job_name, run_from_argv
+from brats_fl.settings import DEMO_OVERRIDES, EXIT_BAD_INPUT, REPO_DIR
 from dataset_brats18.datalist import brats18_case_entry, write_datalist
 
 TINY = ["--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24", "--num_rounds", "2"]
@@ -41,7 +43,7 @@ def expect_error(capsys, dataset, pattern: str, *argv: str, n_clients: str = "2"
     base = ["--dataset_base_dir", str(data_dir), "--datalist_json_path", str(datalist_dir)]
     base += ["--workspace", str(workspace), "--n_clients", n_clients, *TINY]
     code, err = run_main(capsys, *base, *argv)
-    assert code == job.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ")
     assert pattern in err, err
@@ -134,7 +136,7 @@ def test_bad_flag_values(capsys, dataset, flags, pattern):
 
 def test_datalist_without_dataset_dir(capsys, tmp_path):
     code, err = run_main(capsys, "--datalist_json_path", str(tmp_path), "--workspace", str(tmp_path / "ws"))
-    assert code == job.EXIT_BAD_INPUT and "--dataset_base_dir" in err
+    assert code == EXIT_BAD_INPUT and "--dataset_base_dir" in err
 
 
 def test_failed_checks_leave_an_existing_job_folder_alone(capsys, dataset):
@@ -157,7 +159,7 @@ def test_failed_checks_leave_an_existing_job_folder_alone(capsys, dataset):
         "-1",
         *TINY,
     )
-    assert code == job.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert previous.read_text() == "results of an earlier run"
 
 
@@ -169,9 +171,9 @@ def test_label_convention_recorded_in_datalist_must_be_known(capsys, dataset):
 
 
 def test_help_explains_every_flag():
-    done = subprocess.run([sys.executable, "job.py", "--help"], capture_output=True, text=True, cwd=job.REPO_DIR)
+    done = subprocess.run([sys.executable, "job.py", "--help"], capture_output=True, text=True, cwd=REPO_DIR)
     assert done.returncode == 0
-    for action in job.build_parser()._actions:
+    for action in cli.build_parser()._actions:
         for flag in action.option_strings:
             assert flag in done.stdout
         if action.dest != "help":
@@ -181,21 +183,18 @@ def test_help_explains_every_flag():
 
 def test_default_job_names():
     def name(*argv):
-        args = job.build_parser().parse_args(list(argv))
-        job.check_job_flags(args)
-        return args.job_name
+        return new_job_name(cli.build_parser().parse_args(list(argv)))
 
     assert name("--n_clients", "1") == "brats18_1"
     assert name("--n_clients", "4") == "brats18_4"
     assert name("--n_clients", "4", "--enable_dp") == "brats18_4_dp"
     assert name("--job_name", "mine", "--enable_dp") == "mine"
+    assert name("--checkpoint", "/x/model.pt") == "model_evaluation"
 
 
 def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_flags():
     def settings(*argv, demo):
-        args = job.build_parser().parse_args(list(argv))
-        job.check_job_flags(args)
-        return job.settings_from_flags(args, demo)
+        return cli.settings_from_flags(cli.build_parser().parse_args(list(argv)), demo)
 
     demo = settings("--num_rounds", "3", demo=True)
     assert demo.num_rounds == 3 and demo.roi_size == DEMO_OVERRIDES["roi_size"] and demo.learning_rate == 3e-3
@@ -243,10 +242,10 @@ def test_prod_refuses_data_paths_because_each_site_reads_its_own(capsys, dataset
 
 
 def test_prod_job_carries_no_data_path_and_the_papers_settings(tmp_path, monkeypatch):
-    monkeypatch.chdir(job.REPO_DIR)
+    monkeypatch.chdir(REPO_DIR)
     kit = admin_kit(tmp_path / "kit")
-    inputs = job.prepare(["--env", "prod", "--startup_kit", str(kit), "--workspace", str(tmp_path / "ws")])
-    settings = inputs.settings
+    run = run_from_argv(["--env", "prod", "--startup_kit", str(kit), "--workspace", str(tmp_path / "ws")])
+    settings = run.settings
     assert settings.dataset_base_dir is None and settings.datalist_json_path is None
     assert settings.validate_at == "every_site" and settings.cache_dir == "preprocessed"
     assert settings.num_rounds == 600 and settings.roi_size == (224, 224, 144)  # not the demo's
@@ -272,17 +271,17 @@ def deployed_job(tmp_path: Path) -> Path:
 
 
 def test_a_deployed_job_is_resumed_in_a_deployment_only(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(job.REPO_DIR)
+    monkeypatch.chdir(REPO_DIR)
     monkeypatch.delenv("BRATS_DATA_CONFIG", raising=False)
     job_dir = deployed_job(tmp_path)
     code, err = run_main(capsys, "--resume", str(job_dir))
-    assert code == job.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert err == (
         f"error: --resume {job_dir}: the job's sites read their own data settings (it ran with --env poc or prod): "
         "give --env poc, or --env prod --startup_kit <admin kit>"
     )
     code, err = run_main(capsys, "--resume", str(job_dir), "--env", "poc")  # job.py's POC site settings are gone
-    assert code == job.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert (
         f"--env poc: no site data settings in {tmp_path / 'ws' / 'brats18_2_site_data'}: set BRATS_DATA_CONFIG" in err
     )

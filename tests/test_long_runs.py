@@ -18,10 +18,10 @@ import psutil
 import pytest
 from test_e2e import tiny_args
 
-import job
 from brats_fl.job_results import JobPaths, read_round_metrics
 from brats_fl.privacy import dpsgd
 from brats_fl.privacy import report as privacy_report
+from brats_fl.settings import EXIT_BAD_INPUT, EXIT_FAILED, REPO_DIR
 from result_stat.tb_events import read_site_scalars
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def start_job(argv: list[str], log: Path) -> subprocess.Popen:
     """job.py in its own session (as from a terminal: SIGINT is not ignored), output to log."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "job.py", *argv], cwd=job.REPO_DIR, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "job.py", *argv], cwd=REPO_DIR, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
@@ -107,7 +107,7 @@ def test_signals_stop_every_process_and_resume_completes_with_the_svt_ledger_int
 
     done = subprocess.run(
         [sys.executable, "job.py", "--resume", str(paths.job_dir), "--no_final_eval"],
-        capture_output=True, text=True, cwd=job.REPO_DIR,
+        capture_output=True, text=True, cwd=REPO_DIR,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Job brats18_2_dp finished: 4 rounds" in done.stdout
@@ -127,7 +127,7 @@ def test_stop_after_round_then_resume_spends_exactly_the_uninterrupted_dpsgd_eps
     paths = JobPaths(tmp_path / "ws", "brats18_2_dpsgd")
 
     first = subprocess.run(
-        [sys.executable, "job.py", *argv, "--stop_after_round", "1"], capture_output=True, text=True, cwd=job.REPO_DIR
+        [sys.executable, "job.py", *argv, "--stop_after_round", "1"], capture_output=True, text=True, cwd=REPO_DIR
     )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Stopped as --stop_after_round asked after round 1 of rounds 0-3" in first.stdout
@@ -135,7 +135,7 @@ def test_stop_after_round_then_resume_spends_exactly_the_uninterrupted_dpsgd_eps
 
     resumed = subprocess.run(
         [sys.executable, "job.py", "--resume", str(paths.job_dir), "--no_final_eval"],
-        capture_output=True, text=True, cwd=job.REPO_DIR,
+        capture_output=True, text=True, cwd=REPO_DIR,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_every_round_once(paths, 4)
@@ -157,7 +157,7 @@ def test_a_site_crash_is_resumed_once_fixed_and_early_stopping_ends_the_job(tiny
     )  # fmt: skip
     paths = JobPaths(tmp_path / "ws", "brats18_2")
     first = subprocess.run(
-        [sys.executable, "job.py", *argv, "--stop_after_round", "0"], capture_output=True, text=True, cwd=job.REPO_DIR
+        [sys.executable, "job.py", *argv, "--stop_after_round", "0"], capture_output=True, text=True, cwd=REPO_DIR
     )
     assert first.returncode == 0, first.stderr[-3000:]
 
@@ -165,17 +165,17 @@ def test_a_site_crash_is_resumed_once_fixed_and_early_stopping_ends_the_job(tiny
     original = label.read_bytes()
     write_label_value_3(label)  # passes job.py's checks, fails the site's preprocessing at round 1
     resume = [sys.executable, "job.py", "--resume", str(paths.job_dir)]
-    crashed = subprocess.run(resume, capture_output=True, text=True, cwd=job.REPO_DIR)
-    assert crashed.returncode == job.EXIT_FAILED, crashed.stderr[-3000:]
+    crashed = subprocess.run(resume, capture_output=True, text=True, cwd=REPO_DIR)
+    assert crashed.returncode == EXIT_FAILED, crashed.stderr[-3000:]
     assert "error: job brats18_2 failed: site-2: ValueError:" in crashed.stderr and label.name in crashed.stderr
     assert f"after round 0 of rounds 0-5; last global model: {paths.last_global_model}" in crashed.stderr
     assert f"resume with: python job.py --resume {paths.job_dir}" in crashed.stderr
 
     label.write_bytes(original)
-    fixed = subprocess.run([*resume, "--no_final_eval"], capture_output=True, text=True, cwd=job.REPO_DIR)
+    fixed = subprocess.run([*resume, "--no_final_eval"], capture_output=True, text=True, cwd=REPO_DIR)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert "stopped early by --stop_dice (val_dice >= 0.2) at round 1" in fixed.stdout  # round 1's Dice: 0.36
     assert not paths.final_evaluation_table.exists()  # a flag given to --resume is honoured
     assert_every_round_once(paths, 2)
-    again = subprocess.run(resume, capture_output=True, text=True, cwd=job.REPO_DIR)
-    assert again.returncode == job.EXIT_BAD_INPUT and "stopped early at round 1" in again.stderr
+    again = subprocess.run(resume, capture_output=True, text=True, cwd=REPO_DIR)
+    assert again.returncode == EXIT_BAD_INPUT and "stopped early at round 1" in again.stderr

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import job
+from brats_fl import cli
+from brats_fl.environments import Environment, Prod
 from brats_fl.job_results import JobPaths
+from brats_fl.run_options import RunOptions, new_job_name
 from brats_fl.settings import SETTINGS_FILE, TrainingSettings
 from model import BratsSegResNet, count_parameters
 
@@ -19,12 +22,13 @@ PAPER_PARAMETER_COUNT = 4_702_227
 
 def export_job(tmp_path: Path, *flags: str, deployed: bool = False) -> Path:
     """Export the job; returns its server app folder. deployed: as job.py builds it for --env poc/prod."""
-    args = job.build_parser().parse_args(["--workspace", str(tmp_path / "ws"), *flags])
-    job.check_job_flags(args)
-    args.env = "prod" if deployed else "sim"
-    inputs = job.JobInputs(args, job.settings_from_flags(args, demo=False), JobPaths(tmp_path / "ws", args.job_name))
-    job.build_recipe(inputs).export(job_dir=str(tmp_path / "exported"))
-    return tmp_path / "exported" / args.job_name / ("app_server" if deployed else "app")
+    args = cli.build_parser().parse_args(["--workspace", str(tmp_path / "ws"), *flags])
+    name = new_job_name(args)
+    env = Prod(startup_kit=tmp_path / "kit") if deployed else Environment()
+    settings = cli.settings_from_flags(args, demo=False)
+    run = RunOptions(settings, args.n_clients, JobPaths(tmp_path / "ws", name), env, threads=args.n_clients)
+    job.training_recipe(run).export(job_dir=str(tmp_path / "exported"))
+    return tmp_path / "exported" / name / ("app_server" if deployed else "app")
 
 
 def rebuild_server_model(app_dir: Path) -> torch.nn.Module:

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import job
-from brats_fl import privacy, recipes
+from brats_fl import cli, privacy, recipes
 from brats_fl.privacy import PrivacyConfigError, dpsgd, svt
 from brats_fl.privacy import __main__ as privacy_cli
 from brats_fl.privacy import report as privacy_report
@@ -51,10 +50,9 @@ def job_svt_filter(*flags: str):
         def add_server_input_filter(self, f, tasks=None):
             pass
 
-    args = job.build_parser().parse_args(["--enable_dp", *flags])
-    job.check_job_flags(args)
+    args = cli.build_parser().parse_args(["--enable_dp", *flags])
     recipe = Recorder()
-    recipes.add_privacy(recipe, job.settings_from_flags(args, demo=False), args.n_clients, None)
+    recipes.add_privacy(recipe, cli.settings_from_flags(args, demo=False), args.n_clients, None)
     ((svt, tasks),) = recipe.filters
     return svt, tasks
 

@@ -16,9 +16,11 @@ import client
 import job
 from brats_fl import recipes
 from brats_fl.job_results import JobPaths, read_round_metrics
+from brats_fl.nvflare_compat import add_server_component
 from brats_fl.privacy import dpsgd, svt
 from brats_fl.privacy import report as privacy_report
-from brats_fl.runner import run_in_simulator
+from brats_fl.reporting import job_summary
+from brats_fl.run_options import run_from_argv
 from result_stat.tb_events import read_scalars, read_site_scalars
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +40,7 @@ ALLOWED_META = {
 def record_arrivals(recipe, record_dir: Path) -> None:
     """Record every task result and analytics event that reaches the server."""
     recipe.add_server_input_filter(UpdateRecorder(str(record_dir), "received"), tasks=["train"])
-    recipe._job.to_server(AnalyticsRecorder(str(record_dir)))
+    add_server_component(recipe, AnalyticsRecorder(str(record_dir)))
 
 
 def assert_nothing_unprotected_arrived(record_dir: Path, rounds: int = 2) -> None:
@@ -57,27 +59,26 @@ def assert_nothing_unprotected_arrived(record_dir: Path, rounds: int = 2) -> Non
 
 def run_svt_recorded(argv: list[str], record_dir: Path, monkeypatch):
     """The job exactly as job.py builds it, with a recorder before the SVT filter and one at the server's input."""
-    inputs = job.prepare(argv)
+    run = run_from_argv(argv)
     add_privacy = recipes.add_privacy
     monkeypatch.setattr(recipes, "add_privacy", lambda *_: None)  # added below, after the raw recorder
-    recipe = job.build_recipe(inputs)
+    recipe = job.training_recipe(run)
     recipe.add_client_output_filter(UpdateRecorder(str(record_dir), "raw"), tasks=["train"])
-    add_privacy(recipe, inputs.settings, inputs.args.n_clients, None)
+    add_privacy(recipe, run.settings, run.n_clients, None)
     record_arrivals(recipe, record_dir)
-    outcome = run_in_simulator(recipe, inputs.job, inputs.args.n_clients, inputs.args.threads, inputs.args.gpu)
+    outcome = run.env.run(recipe, run.job, run.n_clients, run.threads, run.gpu)
     assert outcome.error is None and outcome.interrupted is None, outcome
-    return inputs
+    return run
 
 
 def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federation, tmp_path, monkeypatch):
     data_dir, datalist_dir = tiny_federation
     argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--enable_dp")
-    inputs = run_svt_recorded(argv, tmp_path / "rec", monkeypatch)
-    args = inputs.args
-    summary = assert_complete_job(args, 2, training_tags=set())  # under DP the training statistics stay at the sites
+    run = run_svt_recorded(argv, tmp_path / "rec", monkeypatch)
+    summary = assert_complete_job(run, 2, training_tags=set())  # under DP the training statistics stay at the sites
     report = privacy_report.load_report(summary.paths.privacy_report)
     privacy_report.check_report(report, list(SITES), 2)  # one record per site and round, none unprotected
-    settings = recipes.svt_settings(inputs.settings)
+    settings = recipes.svt_settings(run.settings)
     assert report["mechanism"] == "svt" and report["settings"]["noise_var"] == settings.noise_var
     tb = read_site_scalars(summary.paths.tb_events)
     for site in SITES:
@@ -116,7 +117,7 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
     assert_nothing_unprotected_arrived(tmp_path / "rec")
     assert set(tb["site-1"]) == VALIDATION_METRICS | {privacy_report.TB_TAG}  # no train_loss at the server
     assert set(tb["site-2"]) == {privacy_report.TB_TAG}  # site-1 validates for all
-    lines = job.privacy_summary(summary.paths.privacy_report, args.n_clients, 2)
+    lines = job_summary(run, 2).extra_lines
     assert "privacy (SVT; pure DP, delta 0" in lines[0] and f"{report['max_epsilon']:.4g}" in lines[0]
 
 
@@ -139,14 +140,14 @@ def test_dpsgd_job_spends_its_target_and_keeps_training_statistics_at_the_sites(
         "0.01",
         "--validate_every_site",  # the paper's repeated validation: every site scores the same global model
     )
-    build = job.build_recipe
+    build = job.training_recipe
 
     def build_and_record(*args):
         recipe = build(*args)
         record_arrivals(recipe, tmp_path / "rec")
         return recipe
 
-    monkeypatch.setattr(job, "build_recipe", build_and_record)
+    monkeypatch.setattr(job, "training_recipe", build_and_record)
     assert job.main(argv) == 0
     done = capsys.readouterr()  # out: what job.py printed
     paths = JobPaths(tmp_path / "ws", "brats18_2_dpsgd")

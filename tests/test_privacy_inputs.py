@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 import job
+from brats_fl import cli
 from brats_fl.privacy import dpsgd
 from brats_fl.recipes import stage_app_files
-from brats_fl.settings import SETTINGS_FILE, TrainingSettings
+from brats_fl.run_options import new_job_name, run_from_argv
+from brats_fl.settings import EXIT_BAD_INPUT, SETTINGS_FILE, TrainingSettings
 
 TINY = ["--roi_size", "32", "32", "24", "--infer_roi_size", "32", "32", "24", "--num_rounds", "2", "--n_clients", "2"]
 
@@ -42,7 +44,7 @@ def test_bad_dpsgd_values_are_stopped_before_anything_runs(capsys, tiny_federati
     workspace = tmp_path / "ws"
     code = job.main(base_argv(tiny_federation, workspace) + ["--enable_dp", "--dp_mechanism", "dpsgd", *flags])
     err = capsys.readouterr().err.strip()
-    assert code == job.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert pattern in err, err
     assert not workspace.exists()
@@ -50,10 +52,10 @@ def test_bad_dpsgd_values_are_stopped_before_anything_runs(capsys, tiny_federati
 
 def test_svt_flags_are_still_checked_and_dpsgd_flags_ignored_under_svt(capsys, tiny_federation, tmp_path):
     argv = base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_noise_var", "0"]
-    assert job.main(argv) == job.EXIT_BAD_INPUT
+    assert job.main(argv) == EXIT_BAD_INPUT
     assert "--dp_noise_var" in capsys.readouterr().err
-    inputs = job.prepare(base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_target_epsilon", "-1"])
-    assert inputs.args.dp_mechanism == "svt" and inputs.dpsgd_plans == {}
+    run = run_from_argv(base_argv(tiny_federation, tmp_path / "ws") + ["--enable_dp", "--dp_target_epsilon", "-1"])
+    assert run.settings.dp_mechanism == "svt" and run.dpsgd_plans == {}
 
 
 def test_dpsgd_plans_every_site_before_the_job_and_hands_the_flags_to_the_clients(tiny_federation, tmp_path):
@@ -66,8 +68,8 @@ def test_dpsgd_plans_every_site_before_the_job_and_hands_the_flags_to_the_client
         "--dp_max_grad_norm",
         "0.5",
     ]
-    inputs = job.prepare(argv)
-    assert inputs.args.job_name == "brats18_2_dpsgd"
+    inputs = run_from_argv(argv)
+    assert inputs.job.job_name == "brats18_2_dpsgd"
     assert sorted(inputs.dpsgd_plans) == ["site-1", "site-2"]
     expected = dpsgd.plan_dpsgd(4, 2, 1, 4.0, None, 0.5)
     assert inputs.dpsgd_plans["site-1"] == expected
@@ -78,9 +80,7 @@ def test_dpsgd_plans_every_site_before_the_job_and_hands_the_flags_to_the_client
 
 def test_job_names_per_mechanism():
     def name(*argv):
-        args = job.build_parser().parse_args(list(argv))
-        job.check_job_flags(args)
-        return args.job_name
+        return new_job_name(cli.build_parser().parse_args(list(argv)))
 
     assert name("--n_clients", "4", "--enable_dp") == "brats18_4_dp"
     assert name("--n_clients", "4", "--enable_dp", "--dp_mechanism", "svt") == "brats18_4_dp"
@@ -96,7 +96,7 @@ def test_sites_read_back_every_setting_the_job_sends(tiny_federation, tmp_path):
         "--dp_delta",
         "0.01",
     ]
-    inputs = job.prepare(argv)
+    inputs = run_from_argv(argv)
     sent = TrainingSettings.read(stage_app_files(inputs.settings) / SETTINGS_FILE)
     assert sent == inputs.settings
     assert (sent.dp_mechanism, sent.dp_delta, sent.num_rounds) == ("dpsgd", 0.01, 2)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import job
 from benchmarks import privacy_sweep as sweep
-from brats_fl import privacy
+from brats_fl import cli, privacy
 from brats_fl.privacy import report
+from brats_fl.run_options import new_job_name
+from brats_fl.settings import REPO_DIR
 
 
 def sweep_args(*argv: str):
@@ -52,14 +53,13 @@ def test_default_sweep_runs_job_py_with_flags_it_understands(tmp_path):
     ]
     for config in configs:
         command = sweep.job_command(config, args)
-        assert command[1] == str(job.REPO_DIR / "job.py")
-        parsed = job.build_parser().parse_args(command[2:])
-        job.check_job_flags(parsed)
-        assert parsed.job_name == config.name and parsed.num_rounds == 5 and parsed.n_clients == 2
+        assert command[1] == str(REPO_DIR / "job.py")
+        parsed = cli.build_parser().parse_args(command[2:])
+        assert new_job_name(parsed) == config.name and parsed.num_rounds == 5 and parsed.n_clients == 2
         assert parsed.enable_dp == (config.mechanism != "none")
         if config.mechanism != "none":
             assert parsed.dp_mechanism == config.mechanism
-    dpsgd_eps8 = job.build_parser().parse_args(sweep.job_command(configs[5], args)[2:])
+    dpsgd_eps8 = cli.build_parser().parse_args(sweep.job_command(configs[5], args)[2:])
     assert dpsgd_eps8.dp_target_epsilon == 8.0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +18,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import job
-from brats_fl import resume
-from brats_fl.fl_components import BratsFedAvg
-from brats_fl.job_results import JobPaths, early_stop_of, read_round_metrics
+from brats_fl import cli, resume
+from brats_fl.environments import Prod
+from brats_fl.job_results import JobPaths, read_round_metrics
+from brats_fl.nvflare_compat import BratsFedAvg, early_stop_of
+from brats_fl.run_options import existing_job
 from brats_fl.runner import JobInterrupted, Watchdog, stoppable
-from brats_fl.settings import TrainingSettings
+from brats_fl.settings import EXIT_BAD_INPUT, InputError, TrainingSettings
 from result_stat.tb_events import read_site_scalars
 
 
@@ -125,33 +128,68 @@ def test_a_job_without_a_saved_model_cannot_resume(tmp_path):
 
 
 # --- what a resume may change ---------------------------------------------------------------------------------------
-def test_flags_that_change_the_meaning_of_the_run_are_refused_and_hardware_flags_are_not():
+def existing(tmp_path, settings: TrainingSettings, argv: list[str], mode: str = cli.RESUME):
+    """existing_job() on a hand-made 4-site job folder with these settings, for the flags argv."""
+    paths = JobPaths(tmp_path, "brats18_4")
+    paths.settings_file.parent.mkdir(parents=True)
+    settings.write(paths.settings_file)
+    for site in ("site-1", "site-2", "site-3", "site-4"):
+        (paths.job_dir / site).mkdir()
+    args = cli.build_parser().parse_args(argv)
+    deployed = Prod(startup_kit=tmp_path)  # its sites read their own data: no datalist to check here
+    return existing_job(paths, args, cli.given_flags(argv), mode, "--resume x", deployed)
+
+
+def test_flags_that_change_the_meaning_of_the_run_are_refused_and_hardware_flags_are_not(tmp_path):
     settings = TrainingSettings(init_filters=8, dp_mechanism="svt", num_rounds=10)
-    check = lambda **given: resume.refuse_changed_settings(
-        given, settings, 4, resume.RESUME_MAY_SET, "--resume x", "why"
-    )
-    check(init_filters=8, n_clients=4, enable_dp=True, num_workers=3, gpu="0", stop_dice=0.9)  # same or allowed
-    for given, shown in (
-        ({"init_filters": 16}, "--init_filters 16 differs from the job's 8: why"),
-        ({"n_clients": 2}, "--n_clients 2 differs from the job's 4"),
-        ({"dp_mechanism": "dpsgd"}, "--dp_mechanism dpsgd differs from the job's svt"),
-        ({"roi_size": [96, 96, 64]}, "--roi_size 96 96 64 differs from the job's 224 224 144"),
-        ({"job_name": "other"}, "--job_name cannot be given here"),
+    same = ["--init_filters", "8", "--n_clients", "4", "--enable_dp", "--num_workers", "3", "--gpu", "0"]
+    existing(tmp_path / "same", settings, [*same, "--stop_dice", "0.9"])  # the job's values, or allowed
+    for argv, shown in (
+        (["--init_filters", "16"], "--init_filters 16 differs from the job's 8: a resumed job goes on with"),
+        (["--n_clients", "2"], "--n_clients 2 differs from the job's 4"),
+        (["--enable_dp", "--dp_mechanism", "dpsgd"], "--dp_mechanism dpsgd differs from the job's svt"),
+        (["--roi_size", "96", "96", "64"], "--roi_size 96 96 64 differs from the job's 224 224 144"),
+        (["--job_name", "other"], "--job_name cannot be given here"),
+        (["--overwrite"], "--overwrite cannot be given here"),
     ):
-        with pytest.raises(resume.ResumeError, match=shown):
-            check(**given)
+        with pytest.raises(InputError, match=shown):
+            existing(tmp_path / argv[0].strip("-"), settings, argv)
 
 
-def test_resume_keeps_the_jobs_settings_but_takes_this_machines_hardware_and_stopping_rules():
+def test_evaluating_a_jobs_model_may_name_its_own_job_but_not_change_the_model(tmp_path):
+    settings = TrainingSettings(init_filters=8, num_rounds=10)
+    existing(tmp_path / "a", settings, ["--job_name", "mine", "--workspace", "/elsewhere"], mode=cli.EVALUATE)
+    with pytest.raises(InputError, match="--init_filters 16 differs from the job's 8: a job's model is scored"):
+        existing(tmp_path / "b", settings, ["--init_filters", "16"], mode=cli.EVALUATE)
+    with pytest.raises(InputError, match="--stop_after_round cannot be given here"):
+        existing(tmp_path / "c", settings, ["--stop_after_round", "3"], mode=cli.EVALUATE)
+
+
+def test_resume_keeps_the_jobs_settings_but_takes_this_machines_hardware_and_stopping_rules(tmp_path):
     settings = TrainingSettings(num_workers=4, cache_dir="/old", stop_dice=None)
-    changed = resume.apply_resume_flags(settings, {"num_workers": 0, "no_cache": True, "patience": 5}, torch_threads=3)
-    assert (changed.num_workers, changed.cache_dir, changed.patience, changed.torch_threads) == (0, None, 5, 3)
-    assert changed.num_rounds == settings.num_rounds and changed.stop_dice is None
+    kept, n, threads, _ = existing(tmp_path, settings, ["--num_workers", "0", "--no_cache", "--patience", "5"])
+    assert (kept.num_workers, kept.cache_dir, kept.patience, n, threads) == (0, None, 5, 4, 4)
+    assert kept.num_rounds == settings.num_rounds and kept.stop_dice is None
+    kept, _, _, _ = existing(tmp_path / "b", settings, ["--threads", "2"])
+    assert (kept.num_workers, kept.cache_dir) == (4, "/old")  # the job's, when no flag changes them
+
+
+def test_the_resume_flags_are_the_tables_and_the_docs_list_them_all():
+    allowed = set(cli.flags_allowed_with(cli.RESUME))
+    assert {"gpu", "threads", "dataset_base_dir", "stop_after_round", "env"} <= allowed
+    assert not allowed & {"init_filters", "num_rounds", "enable_dp", "job_name", "overwrite", "seed"}
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "only these flags may be given: " + ", ".join(f"--{n}" for n in cli.flags_allowed_with(cli.RESUME)) in (
+        help_text
+    )
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "long_runs.md").read_text()
+    listed = docs.split("<!-- resume flags -->", 2)[1]
+    assert set(re.findall(r"`--([a-z_]+)`", listed)) == allowed
 
 
 def test_the_resume_command_repeats_only_what_the_job_folder_does_not_keep(tmp_path):
-    explicit = {"gpu": "0,1", "threads": 2, "no_final_eval": True, "init_filters": 8, "stop_after_round": 3}
-    assert resume.resume_command(tmp_path / "my job", explicit) == (
+    given = {"gpu": "0,1", "threads": 2, "no_final_eval": True, "init_filters": 8, "stop_after_round": 3}
+    assert cli.resume_command(tmp_path / "my job", given) == (
         f"python job.py --resume '{tmp_path}/my job' --gpu 0,1 --threads 2 --no_final_eval"
     )
 
@@ -160,15 +198,15 @@ def test_the_resume_command_repeats_only_what_the_job_folder_does_not_keep(tmp_p
     "argv, pattern",
     [
         (["--resume", "/nonexistent/job"], "not the folder of a job made by job.py"),
-        (["--resume", "/x", "--evaluate", "/y.pt"], "--resume and --evaluate: give one"),
+        (["--resume", "/x", "--checkpoint", "/y.pt"], "--resume and --checkpoint: give one"),
         (["--stop_after_round", "-1"], "--stop_after_round -1: need a round number >= 0"),
         (["--stop_dice", "1.5"], "--stop_dice 1.5: need a Dice in (0, 1]"),
         (["--patience", "0"], "--patience 0: need >= 1 round"),
-        (["--evaluate", "/nonexistent.pt"], "--evaluate /nonexistent.pt: no such file"),
+        (["--checkpoint", "/nonexistent.pt"], "--checkpoint /nonexistent.pt: no such file"),
     ],
 )
 def test_bad_long_run_flags_exit_2_with_one_line(argv, pattern, capsys, tmp_path):
-    assert job.main([*argv, "--workspace", str(tmp_path / "ws")]) == job.EXIT_BAD_INPUT
+    assert job.main([*argv, "--workspace", str(tmp_path / "ws")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and pattern in err, err
 

@@ -8,7 +8,8 @@ import re
 import pytest
 from conftest import PAPER_SPLIT_CSV, REPO_DIR
 
-import job
+from brats_fl.run_options import run_from_argv
+from brats_fl.settings import SHIPPED_DATALIST_DIR, InputError
 from dataset_brats18 import build_datalist as bd
 from dataset_brats18.datalist import load_datalist
 
@@ -86,9 +87,9 @@ def test_shipped_csv_is_the_papers_split():
 
 def test_job_uses_the_shipped_datalists_by_default_and_checks_them_first(brats_sample, tmp_path):
     """job.py's cheap checks run against the shipped files: on the 8-case sample, site files list missing cases."""
-    assert job.SHIPPED_DATALIST_DIR == DATALIST_DIR
-    with pytest.raises(job.InputError, match=r"file\(s\) listed in .*site-1\.json do not exist"):
-        job.prepare(["--dataset_base_dir", str(brats_sample), "--workspace", str(tmp_path / "ws")])
+    assert SHIPPED_DATALIST_DIR == DATALIST_DIR
+    with pytest.raises(InputError, match=r"file\(s\) listed in .*site-1\.json do not exist"):
+        run_from_argv(["--dataset_base_dir", str(brats_sample), "--workspace", str(tmp_path / "ws")])
     assert not (tmp_path / "ws").exists()
 
 

@@ -20,35 +20,40 @@ def tiny_job_paths(tmp_path_factory, dataset_dir: Path, datalist_dir: Path) -> J
     key = tmp_path_factory.getbasetemp()
     if key not in _runs:
         workspace = tmp_path_factory.mktemp("tiny_job_ws")
-        argv = [
-            sys.executable,
-            "job.py",
-            "--dataset_base_dir",
-            str(dataset_dir),
-            "--datalist_json_path",
-            str(datalist_dir),
-            "--workspace",
-            str(workspace),
-            "--job_name",
-            JOB_NAME,
-            "--n_clients",
-            "2",
-            "--num_rounds",
-            str(NUM_ROUNDS),
-            "--roi_size",
-            "32",
-            "32",
-            "24",
-            "--infer_roi_size",
-            "32",
-            "32",
-            "24",
-            "--init_filters",
-            "8",
-            "--learning_rate",
-            "1e-3",
-        ]
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_DIR)
+        command = tiny_job_command(workspace, dataset_dir, datalist_dir)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
         assert done.returncode == 0, done.stderr[-3000:]
         _runs[key] = JobPaths(workspace, JOB_NAME)
     return _runs[key]
+
+
+def tiny_job_command(workspace: Path, dataset_dir: Path, datalist_dir: Path) -> list[str]:
+    """The command line that ran the tiny job."""
+    return [
+        sys.executable,
+        "job.py",
+        "--dataset_base_dir",
+        str(dataset_dir),
+        "--datalist_json_path",
+        str(datalist_dir),
+        "--workspace",
+        str(workspace),
+        "--job_name",
+        JOB_NAME,
+        "--n_clients",
+        "2",
+        "--num_rounds",
+        str(NUM_ROUNDS),
+        "--roi_size",
+        "32",
+        "32",
+        "24",
+        "--infer_roi_size",
+        "32",
+        "32",
+        "24",
+        "--init_filters",
+        "8",
+        "--learning_rate",
+        "1e-3",
+    ]
