@@ -4,7 +4,7 @@ Every round: receive the global model, validate it, train ``aggregation_epochs``
 back (the Client API turns them into a weight difference, as job.py asks) with the validation Dice and the number of
 local steps, which FedAvg uses as the aggregation weight. One site validates for all (by default), scoring a snapshot
 of the received model in a background thread while it trains, so its validation does not lengthen the round.
-In an evaluation job (job.py's final evaluation, or --evaluate) the site instead scores the received model case by
+In an evaluation job (job.py's final evaluation, or --checkpoint) the site instead scores the received model case by
 case on its validation cases and sends only those scores.
 
 Its settings come from ``brats_settings.json``, which job.py ships next to this file (brats_fl/settings.py defines
@@ -353,7 +353,7 @@ def main() -> None:
         if input_model is None:
             break
         try:
-            if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --evaluate)
+            if flare.is_evaluate():  # the evaluation job (job.py's final evaluation, or --checkpoint)
                 flare.send(flare.FLModel(metrics=final_evaluation(settings, site_name, input_model.params)))
                 continue
             if site is None:

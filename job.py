@@ -6,7 +6,7 @@
     python job.py --dataset_base_dir /data/brats18 --n_clients 4 --enable_dp                         # + SVT
     python job.py --dataset_base_dir /data/brats18 --n_clients 4 --enable_dp --dp_mechanism dpsgd    # + DP-SGD
     python job.py --resume /tmp/nvflare/simulation/brats18_4            # continue a stopped or crashed job
-    python job.py --evaluate <job>/server/simulate_job/app_server/best_FL_global_model.pt   # score a checkpoint
+    python job.py --checkpoint <job>/server/simulate_job/app_server/best_FL_global_model.pt # score a checkpoint
 
 Reads the flags into one set of training settings (brats_fl/settings.py), builds a FedAvg recipe around
 BratsSegResNet (brats_fl/recipes.py: sites send weight differences, the server keeps the global model with the best
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validation cases and only the scores travel (default: on)",
     )
     lr.add_argument(
-        "--evaluate",
+        "--checkpoint",
         metavar="CHECKPOINT",
         help="no training: the sites score this checkpoint as in the final evaluation. A checkpoint inside a job "
         "folder is scored with that job's settings and sites; any other with the settings of the flags",
@@ -258,7 +258,7 @@ class JobInputs:
 
     args: argparse.Namespace
     settings: TrainingSettings
-    job: JobPaths  # where the job's outputs are (with --evaluate: the evaluation job's)
+    job: JobPaths  # where the job's outputs are (with --checkpoint: the evaluation job's)
     start: StartPoint = field(default_factory=StartPoint)  # a resumed job's starting round and state
     explicit: dict = field(default_factory=dict)  # the flags given on the command line, by name
     dpsgd_plans: dict = field(default_factory=dict)  # site name -> DPSGDPlan, with --dp_mechanism dpsgd
@@ -445,8 +445,8 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
     if Path.cwd().resolve() != REPO_DIR:
         raise InputError(f"run job.py from the repository root: cd {REPO_DIR} (the recipe ships client.py from there)")
     explicit = explicit_flags(argv)
-    if args.resume and args.evaluate:
-        raise InputError("--resume and --evaluate: give one (score a resumed job's best model once it has finished)")
+    if args.resume and args.checkpoint:
+        raise InputError("--resume and --checkpoint: give one (score a resumed job's best model once it has finished)")
     if args.stop_after_round is not None and args.stop_after_round < 0:
         raise InputError(f"--stop_after_round {args.stop_after_round}: need a round number >= 0")
     from brats_fl.resume import ResumeError, settings_beside
@@ -454,8 +454,8 @@ def prepare(argv: list[str] | None = None) -> JobInputs:
     try:
         if args.resume:
             inputs = prepare_resume(args, explicit)
-        elif args.evaluate and settings_beside(Path(args.evaluate)):
-            inputs = prepare_evaluation_of_job_model(args, explicit, settings_beside(Path(args.evaluate)))
+        elif args.checkpoint and settings_beside(Path(args.checkpoint)):
+            inputs = prepare_evaluation_of_job_model(args, explicit, settings_beside(Path(args.checkpoint)))
         else:
             inputs = prepare_new_job(args, explicit)
     except ResumeError as e:
@@ -493,14 +493,14 @@ def checked(settings: TrainingSettings) -> TrainingSettings:
 
 
 def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
-    """A job (or an --evaluate run) whose settings are the flags."""
+    """A job (or a --checkpoint run) whose settings are the flags."""
     check_job_flags(args)
     demo = args.dataset_base_dir is None and args.datalist_json_path is None and not sites_read_own_data(args)
-    if args.evaluate and "job_name" not in explicit:
-        args.job_name = f"{Path(args.evaluate).stem}_evaluation"
+    if args.checkpoint and "job_name" not in explicit:
+        args.job_name = f"{Path(args.checkpoint).stem}_evaluation"
     settings = checked(settings_from_flags(args, demo))
-    if args.evaluate:
-        check_checkpoint(Path(args.evaluate), settings)
+    if args.checkpoint:
+        check_checkpoint(Path(args.checkpoint), settings)
     job = JobPaths(Path(args.workspace).resolve(), args.job_name)
     inputs = JobInputs(args, settings, job, explicit=explicit)
     if sites_read_own_data(args):  # real data at every site: the paper's defaults, as for --dataset_base_dir
@@ -514,7 +514,7 @@ def prepare_new_job(args: argparse.Namespace, explicit: dict) -> JobInputs:
         print("The sites' datalists list different validation cases: every site validates on its own.", flush=True)
     if settings.validate_at == "one_site":
         settings.validating_site = lightest_site(datalist_dir, args.n_clients)
-    if settings.dp_mechanism == "dpsgd" and not args.evaluate:
+    if settings.dp_mechanism == "dpsgd" and not args.checkpoint:
         inputs.dpsgd_plans = plan_dpsgd_sites(settings, args.n_clients)
     if args.env == "poc":
         inputs.site_data_env = write_poc_site_settings(settings, args.n_clients, job)
@@ -575,7 +575,7 @@ def prepare_resume(args: argparse.Namespace, explicit: dict) -> JobInputs:
     if finished or start.round >= settings.num_rounds:
         raise InputError(
             f"{what}: the job already {finished or f'ran all {settings.num_rounds} rounds'}; nothing to resume "
-            f"(score its best model with: python job.py --evaluate {job.best_model})"
+            f"(score its best model with: python job.py --checkpoint {job.best_model})"
         )
     if args.stop_after_round is not None and args.stop_after_round < start.round:
         raise InputError(f"--stop_after_round {args.stop_after_round}: the job resumes at round {start.round}")
@@ -605,7 +605,7 @@ def site_settings_dir(job: JobPaths) -> Path:
 
 
 def prepare_evaluation_of_job_model(args: argparse.Namespace, explicit: dict, settings_file: Path) -> JobInputs:
-    """--evaluate of a checkpoint inside a job folder: that job's settings and sites; the evaluation job goes next
+    """--checkpoint naming a file inside a job folder: that job's settings and sites; the evaluation job goes next
     to that job unless --workspace says otherwise."""
     from brats_fl.resume import (
         RESUME_MAY_SET,
@@ -616,14 +616,14 @@ def prepare_evaluation_of_job_model(args: argparse.Namespace, explicit: dict, se
     )
 
     job_dir = settings_file.parents[4]  # <job>/server/simulate_job/app_server/custom/brats_settings.json
-    what = f"--evaluate {args.evaluate}"
+    what = f"--checkpoint {args.checkpoint}"
     settings = read_job_settings(JobPaths(job_dir.parent, job_dir.name), what, settings_file)
     args.n_clients = count_sites(job_dir, what)
     refuse_changed_settings(
         explicit,
         settings,
         args.n_clients,
-        RESUME_MAY_SET | {"evaluate", "job_name", "workspace"},
+        RESUME_MAY_SET | {"checkpoint", "job_name", "workspace"},
         what,
         "a job's model is scored with the settings it was trained with (leave the flag out)",
     )
@@ -633,7 +633,7 @@ def prepare_evaluation_of_job_model(args: argparse.Namespace, explicit: dict, se
         args.workspace = str(job_dir.parent)
     check_job_flags(args)
     settings = checked(apply_resume_flags(settings, explicit, max(1, cores_per_site(args))))
-    check_checkpoint(Path(args.evaluate), settings)
+    check_checkpoint(Path(args.checkpoint), settings)
     check_job_data(settings, args.n_clients, what, args.env)
     inputs = JobInputs(args, settings, JobPaths(Path(args.workspace).resolve(), args.job_name), explicit=explicit)
     inputs.site_data_env = poc_site_settings_of(JobPaths(job_dir.parent, job_dir.name), settings, args.env)
@@ -665,11 +665,11 @@ def check_checkpoint(path: Path, settings: TrainingSettings) -> None:
     from brats_fl.evaluation import checkpoint_problem
 
     if not path.is_file():
-        raise InputError(f"--evaluate {path}: no such file")
+        raise InputError(f"--checkpoint {path}: no such file")
     problem = checkpoint_problem(path, make_model(settings))
     if problem:
         raise InputError(
-            f"--evaluate {path}: does not fit the model of --init_filters {settings.init_filters}: {problem}"
+            f"--checkpoint {path}: does not fit the model of --init_filters {settings.init_filters}: {problem}"
         )
 
 
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     warn_if_gpu_unusable(inputs.args)
     report_cache(inputs.settings)
-    if inputs.args.evaluate:
+    if inputs.args.checkpoint:
         return evaluate_checkpoint(inputs)
     for site, plan in inputs.dpsgd_plans.items():
         print(
@@ -759,7 +759,7 @@ def train(inputs: JobInputs) -> int:
         why = f"stopped by {outcome.interrupted}" if outcome.interrupted else f"failed: {outcome.error}"
         print(
             f"error: the final evaluation {why}; training is complete: score the best model with "
-            f"python job.py --evaluate {job.best_model}",
+            f"python job.py --checkpoint {job.best_model}",
             file=sys.stderr,
         )
         return outcome.interrupted.exit_code if outcome.interrupted else EXIT_FAILED
@@ -853,8 +853,8 @@ def final_evaluation_lines(output: JobPaths, table: Path) -> list[str]:
 
 
 def evaluate_checkpoint(inputs: JobInputs) -> int:
-    """--evaluate: the sites score one checkpoint; the table goes into the evaluation job's server folder."""
-    checkpoint = Path(inputs.args.evaluate).resolve()
+    """--checkpoint: the sites score one checkpoint; the table goes into the evaluation job's server folder."""
+    checkpoint = Path(inputs.args.checkpoint).resolve()
     outcome, table = evaluate_at_sites(inputs, checkpoint, inputs.job, inputs.job)
     if outcome.interrupted:
         print(f"Stopped by {outcome.interrupted}: the evaluation did not finish.", file=sys.stderr)

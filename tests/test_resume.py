@@ -160,11 +160,11 @@ def test_the_resume_command_repeats_only_what_the_job_folder_does_not_keep(tmp_p
     "argv, pattern",
     [
         (["--resume", "/nonexistent/job"], "not the folder of a job made by job.py"),
-        (["--resume", "/x", "--evaluate", "/y.pt"], "--resume and --evaluate: give one"),
+        (["--resume", "/x", "--checkpoint", "/y.pt"], "--resume and --checkpoint: give one"),
         (["--stop_after_round", "-1"], "--stop_after_round -1: need a round number >= 0"),
         (["--stop_dice", "1.5"], "--stop_dice 1.5: need a Dice in (0, 1]"),
         (["--patience", "0"], "--patience 0: need >= 1 round"),
-        (["--evaluate", "/nonexistent.pt"], "--evaluate /nonexistent.pt: no such file"),
+        (["--checkpoint", "/nonexistent.pt"], "--checkpoint /nonexistent.pt: no such file"),
     ],
 )
 def test_bad_long_run_flags_exit_2_with_one_line(argv, pattern, capsys, tmp_path):
