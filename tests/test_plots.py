@@ -199,7 +199,8 @@ def test_case_picture_of_a_shifted_prediction_outlines_it_elsewhere():
 
 
 @pytest.mark.e2e
-def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys):
+def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the CPU, as before --gpu replaced --device
     out = tmp_path / "case_Brats18_SYN_008_1.png"
     argv = [
         "--workspace",
