@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default: 10)")
-    p.add_argument("--round_time_rounds", type=int, default=3, help="rounds of each round_time run; 0 skips it")
+    p.add_argument(
+        "--round_time_rounds",
+        type=int,
+        default=3,
+        help="--num_rounds of each benchmarks.round_time run; 0 skips it (default: 3)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is, to test the script")
     return p
 
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {what}: {hours:.1f} h")
     if args.round_time_rounds:
         command = [sys.executable, "-m", "benchmarks.round_time", "--num_rounds", str(args.round_time_rounds)]
-        command += ["--smoke"] if args.smoke else ["--paper_settings", "--gpu", "0", "--synthetic_cases", "10"]
+        command += ["--smoke"] if args.smoke else ["--paper_settings", "--gpu", "0", "--n_cases", "10"]
         print(f"Round time, 4 sites on one GPU: {' '.join(command[1:])}", flush=True)
         return subprocess.run(command, cwd=REPO_DIR).returncode
     return 0

@@ -71,19 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_rounds", type=int, default=5, help="FL rounds per job, >= 2 (default: 5)")
     p.add_argument("--init_filters", type=int, default=8, help="SegResNet base width, multiple of 8 (default: 8)")
     p.add_argument(
-        "--svt_noise_vars",
+        "--dp_noise_var",
         type=float,
         nargs="*",
         default=[1.0, 0.1, 0.01],
-        help="SVT runs, one per --dp_noise_var (other SVT flags at job.py's defaults, the paper's) "
-        "(default: 1 0.1 0.01)",
+        metavar="V",
+        help="SVT runs, one per value, each job.py --dp_mechanism svt --dp_noise_var V (other SVT flags at "
+        "job.py's defaults, the paper's); none given: no SVT run (default: 1 0.1 0.01)",
     )
     p.add_argument(
-        "--dpsgd_epsilons",
+        "--dp_target_epsilon",
         type=float,
         nargs="*",
         default=[1.0, 8.0, 64.0],
-        help="DP-SGD runs, one per --dp_target_epsilon (default delta and clipping) (default: 1 8 64)",
+        metavar="E",
+        help="DP-SGD runs, one per value, each job.py --dp_mechanism dpsgd --dp_target_epsilon E (default delta "
+        "and clipping); none given: no DP-SGD run (default: 1 8 64)",
     )
     p.add_argument("--no_baseline", action="store_true", help="skip the run without DP")
     p.add_argument(
@@ -103,20 +106,20 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--num_rounds {args.num_rounds}: need >= 2"
     if args.init_filters < 8 or args.init_filters % 8:
         return f"--init_filters {args.init_filters}: need a positive multiple of 8"
-    for v in args.svt_noise_vars:
+    for v in args.dp_noise_var:
         if not v > 0:
-            return f"--svt_noise_vars {v}: need values > 0"
-    for e in args.dpsgd_epsilons:
+            return f"--dp_noise_var {v}: need values > 0"
+    for e in args.dp_target_epsilon:
         if not (e > 0 and math.isfinite(e)):
-            return f"--dpsgd_epsilons {e}: need finite values > 0"
-    if args.no_baseline and not args.svt_noise_vars and not args.dpsgd_epsilons:
-        return "nothing to run: give --svt_noise_vars or --dpsgd_epsilons, or drop --no_baseline"
+            return f"--dp_target_epsilon {e}: need finite values > 0"
+    if args.no_baseline and not args.dp_noise_var and not args.dp_target_epsilon:
+        return "nothing to run: give --dp_noise_var or --dp_target_epsilon, or drop --no_baseline"
     return None
 
 
 def build_configs(args: argparse.Namespace) -> list[SweepConfig]:
     configs = [] if args.no_baseline else [SweepConfig("sweep_no_dp", "none", "no DP", ())]
-    for v in args.svt_noise_vars:
+    for v in args.dp_noise_var:
         configs.append(
             SweepConfig(
                 f"sweep_svt_noise_var_{v:g}",
@@ -125,7 +128,7 @@ def build_configs(args: argparse.Namespace) -> list[SweepConfig]:
                 ("--enable_dp", "--dp_mechanism", "svt", "--dp_noise_var", f"{v:g}"),
             )
         )
-    for e in args.dpsgd_epsilons:
+    for e in args.dp_target_epsilon:
         configs.append(
             SweepConfig(
                 f"sweep_dpsgd_eps_{e:g}",

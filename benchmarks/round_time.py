@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_clients", type=int, default=4, help="sites (default: 4; --smoke: 2)")
     p.add_argument("--num_rounds", type=int, default=4, help="rounds per run, >= 2 (default: 4; --smoke: 2)")
     p.add_argument("--dataset_base_dir", help="a BraTS folder to use (default: the sample, else synthetic cases)")
-    p.add_argument("--synthetic_cases", type=int, default=10, help="synthetic cases to generate (default: 10)")
+    p.add_argument(
+        "--n_cases",
+        type=int,
+        default=10,
+        help="synthetic cases to generate when no BraTS folder is used (default: 10; --smoke: at most 6)",
+    )
     p.add_argument(
         "--paper_settings",
         action="store_true",
@@ -78,8 +83,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--num_rounds {args.num_rounds}: need >= 2 (the first round is left out of the median)"
     if args.dataset_base_dir and not Path(args.dataset_base_dir).is_dir():
         return f"--dataset_base_dir {args.dataset_base_dir} does not exist"
-    if args.synthetic_cases < args.n_clients + 1:
-        return f"--synthetic_cases {args.synthetic_cases}: need at least one case per site and one to validate"
+    if args.n_cases < args.n_clients + 1:
+        return f"--n_cases {args.n_cases}: need at least one case per site and one to validate"
     return None
 
 
@@ -94,7 +99,7 @@ def prepare_data(args: argparse.Namespace, workspace: Path) -> tuple[Path, Path,
     if args.smoke or not (args.dataset_base_dir or SAMPLE_DIR.is_dir()):
         shape = (32, 32, 24) if args.smoke else FULL_SIZE
         data_dir = workspace / f"synthetic_{'x'.join(map(str, shape))}"
-        cases = generate_dataset(data_dir, args.synthetic_cases, shape)
+        cases = generate_dataset(data_dir, args.n_cases, shape)
         datalist_dir = write_federated_datalists(cases, data_dir / f"datalist_{args.n_clients}", args.n_clients, 2)
         return data_dir, datalist_dir, f"{len(cases)} synthetic cases of {'x'.join(map(str, shape))} voxels"
     data_dir = Path(args.dataset_base_dir or SAMPLE_DIR)
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
         args.n_clients, args.num_rounds = min(args.n_clients, 2), 2
-        args.synthetic_cases = min(args.synthetic_cases, 6)
+        args.n_cases = min(args.n_cases, 6)
     problem = check_args(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Open every case a set of datalists lists and report, before hours of training, anything that would break it.
 
     python -m dataset_brats18.check_dataset --dataset_base_dir /data/brats18 --datalist_json_path /data/brats18/datalist
+    python -m dataset_brats18.check_dataset --dataset_base_dir /data/brats18 \\
+        --datalist_json_path /data/brats18/datalist/site-1.json /data/brats18/datalist/site-All.json
 
 Per case (each listed case once, however many datalists list it):
 - errors (the case is unusable): missing or unreadable files, images that are not 3-D, modalities whose shape or
@@ -223,15 +225,38 @@ def datalist_names(datalist_dir: Path) -> list[str]:
     return sorted((p.stem for p in datalist_dir.glob("site-*.json")), key=key)
 
 
-def load_datalists(datalist_dir: Path, names: Sequence[str]) -> dict[str, dict]:
-    absent = [n for n in names if not (datalist_dir / f"{n}.json").is_file()]
-    if absent:
-        raise DatalistError(f"--datalists: {', '.join(n + '.json' for n in absent)} not in {datalist_dir}")
-    loaded = {n: load_datalist(datalist_dir / f"{n}.json") for n in names}
+def datalist_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The datalist files --datalist_json_path names: a file as it is, a folder as its site-*.json (in
+    datalist_names order); each file once."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [path / f"{n}.json" for n in datalist_names(path)]
+            if not found:
+                raise DatalistError(
+                    f"--datalist_json_path {path} holds no site-*.json; build them with "
+                    "python -m dataset_brats18.build_datalist"
+                )
+        elif path.is_file():
+            found = [path]
+        else:
+            raise DatalistError(
+                f"--datalist_json_path {path} does not exist; build datalists with "
+                "python -m dataset_brats18.build_datalist"
+            )
+        files += [f for f in found if f.resolve() not in {g.resolve() for g in files}]
+    return files
+
+
+def load_datalists(files: Sequence[Path]) -> dict[str, dict]:
+    """The datalists by name: the file name without .json, or the whole path where two files share a name."""
+    stems = [f.stem for f in files]
+    names = [f.stem if stems.count(f.stem) == 1 else str(f) for f in files]
+    loaded = {name: load_datalist(f) for name, f in zip(names, files)}
     conventions = {int(d.get("et_label", 4)) for d in loaded.values()}
     if len(conventions) > 1:
         raise DatalistError(
-            f"the datalists in {datalist_dir} disagree on et_label ({sorted(conventions)}); "
+            f"the datalists {', '.join(names)} disagree on et_label ({sorted(conventions)}); "
             "rebuild them with python -m dataset_brats18.build_datalist"
         )
     return loaded
@@ -331,14 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_base_dir", required=True, help="folder the datalist paths are relative to")
     p.add_argument(
         "--datalist_json_path",
-        default=str(SHIPPED_DATALIST_DIR),
-        help="folder of site-*.json datalists (default: the paper's split shipped in dataset_brats18/datalist)",
-    )
-    p.add_argument(
-        "--datalists",
         nargs="+",
-        metavar="NAME",
-        help="which datalists to check, e.g. site-1 site-All (default: every site-*.json in --datalist_json_path)",
+        default=[str(SHIPPED_DATALIST_DIR)],
+        metavar="PATH",
+        help="one or more datalists to check, each a folder (every site-*.json in it) or a datalist JSON file, "
+        "e.g. L or L/site-1.json L/site-All.json (default: the paper's split shipped in dataset_brats18/datalist)",
     )
     p.add_argument(
         "--headers_only",
@@ -354,23 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_inputs(args: argparse.Namespace) -> dict[str, dict]:
     """Flag and datalist problems (exit 2), found before any case is opened; returns the datalists by name."""
-    base, datalist_dir = Path(args.dataset_base_dir), Path(args.datalist_json_path)
+    base = Path(args.dataset_base_dir)
     if not base.is_dir():
         raise DatalistError(f"--dataset_base_dir {base} does not exist or is not a folder")
-    if not datalist_dir.is_dir():
-        raise DatalistError(
-            f"--datalist_json_path {datalist_dir} does not exist; build it with "
-            "python -m dataset_brats18.build_datalist"
-        )
     if args.num_workers < 1:
         raise DatalistError(f"--num_workers {args.num_workers}: need >= 1")
-    names = args.datalists or datalist_names(datalist_dir)
-    if not names:
-        raise DatalistError(
-            f"--datalist_json_path {datalist_dir} holds no site-*.json; build them with "
-            "python -m dataset_brats18.build_datalist"
-        )
-    return load_datalists(datalist_dir, names)
+    return load_datalists(datalist_files(args.datalist_json_path))
 
 
 def run_checks(entries: Sequence[dict], base: Path, et_label: int, read_images: bool, workers: int) -> list[CaseCheck]:

@@ -2,11 +2,13 @@
 
     python -m result_stat.evaluate                     # the paper's jobs found in the default workspace
     python -m result_stat.evaluate --workspace /tmp/nvflare/simulation --job_names brats18_1 brats18_4 brats18_4_dp
-    python -m result_stat.evaluate --models central=/path/to/best_FL_global_model.pt \\
-        --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --datalist dataset_brats18/datalist/site-All.json
+    python -m result_stat.evaluate --checkpoint central=/path/to/best_FL_global_model.pt \\
+        --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training \\
+        --datalist_json_path dataset_brats18/datalist/site-All.json
 
 Each model (a job's best_FL_global_model.pt, or any checkpoint of BratsSegResNet) runs through the clients' own
-pipeline (brats_fl/pipeline.py: transforms, sliding-window inference, thresholds) on GPU when present, else CPU.
+pipeline (brats_fl/pipeline.py: transforms, sliding-window inference, thresholds) on GPU 0 when torch sees CUDA
+(another with --gpu), else on the CPU.
 Scored per case and region TC, WT, ET as the BraTS challenge scores (brats_fl/metrics.py), means over the cases:
 
   first table, the paper's: Dice per region and overall Dice (the mean of the three);
@@ -157,7 +159,9 @@ def datalist_file(path: Path) -> Path:
         candidates = [path / "site-All.json", *sorted(path.glob("site-*.json"))]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise EvaluationInputError(f"--datalist {path}: folder holds no site-*.json; give a datalist JSON file")
+            raise EvaluationInputError(
+                f"--datalist_json_path {path}: folder holds no site-*.json; give a datalist JSON file"
+            )
         return found[0]
     return path
 
@@ -193,7 +197,7 @@ def paper_jobs_run(workspace: Path, log=print) -> list[str]:
     if not found:
         raise EvaluationInputError(
             f"none of {', '.join(PAPER_JOB_NAMES)} has a best model under --workspace {workspace}; run job.py "
-            "first, or give --job_names or --models"
+            "first, or give --job_names or --checkpoint"
         )
     return found
 
@@ -203,7 +207,7 @@ def build_specs(args: argparse.Namespace) -> list[ModelSpec]:
     specs = []
     workspace = Path(args.workspace)
     job_names = args.job_names
-    if not job_names and not args.models:
+    if not job_names and not args.checkpoint:
         job_names = paper_jobs_run(workspace)
     for job in job_names or []:
         paths = JobPaths(workspace, job)
@@ -213,17 +217,17 @@ def build_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 f"--workspace {workspace} ...) or check --workspace"
             )
         specs.append(ModelSpec(job, paths.best_model, job_paths=paths))
-    for value in args.models or []:
+    for value in args.checkpoint or []:
         label, path = parse_model_flag(value)
         if not path.is_file():
-            raise EvaluationInputError(f"--models {value}: model file {path} not found")
+            raise EvaluationInputError(f"--checkpoint {value}: model file {path} not found")
         specs.append(ModelSpec(label, path, job_paths=job_paths_of(path)))
     labels = [s.label for s in specs]
     duplicated = sorted({x for x in labels if labels.count(x) > 1})
     if duplicated:
         raise EvaluationInputError(f"configuration names {duplicated} appear twice; name models as LABEL=PATH")
     for spec in specs:
-        resolve_data(spec, args.dataset_base_dir, args.datalist, args.infer_roi_size)
+        resolve_data(spec, args.dataset_base_dir, args.datalist_json_path, args.infer_roi_size)
         spec.cache_dir = cache_dir_for(spec, workspace, args.cache_dir, args.no_cache)
     return specs
 
@@ -254,12 +258,12 @@ def resolve_data(
     try:
         content = load_datalist(spec.datalist_path)
     except DatalistError as e:
-        raise EvaluationInputError(f"--datalist: {e}") from None
+        raise EvaluationInputError(f"--datalist_json_path: {e}") from None
     missing = missing_files(content["validation"], spec.dataset_base_dir)
     if missing:
         raise EvaluationInputError(
             f"{len(missing)} validation file(s) of {spec.datalist_path} are missing under {spec.dataset_base_dir}, "
-            f"e.g. {missing[0]}; check --dataset_base_dir and --datalist"
+            f"e.g. {missing[0]}; check --dataset_base_dir and --datalist_json_path"
         )
     roi = infer_roi_size or job_args.get("infer_roi_size") or default("infer_roi_size")
     problem = roi_size_problem(roi, "--infer_roi_size")
@@ -534,22 +538,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JOB",
         help="job folder names under --workspace; each job's best model "
         "(server/simulate_job/app_server/best_FL_global_model.pt) is evaluated (default, when "
-        f"--models is not given either: those of {', '.join(PAPER_JOB_NAMES)} that were run)",
+        f"--checkpoint is not given either: those of {', '.join(PAPER_JOB_NAMES)} that were run)",
     )
     what.add_argument(
-        "--models",
+        "--checkpoint",
         nargs="+",
         metavar="[LABEL=]PATH",
-        help="any BratsSegResNet checkpoint (NVFlare persistor dict or plain state dict); LABEL names "
-        "its row (default: the job folder for a path inside a workspace, else the file name)",
+        help="one or more BratsSegResNet checkpoint files (NVFlare persistor dict or plain state dict), evaluated "
+        "besides any --job_names; LABEL names a checkpoint's row (default LABEL: the job folder for a path inside "
+        "a workspace, else the file name) (default: none)",
     )
     data = p.add_argument_group("data (default: what each job's sites used, read from the job's brats_settings.json)")
     data.add_argument("--dataset_base_dir", help="folder the datalist paths are relative to")
     data.add_argument(
-        "--datalist",
-        help="datalist JSON whose 'validation' cases are evaluated, or a folder of site-N.json files "
-        "(site-All.json is used); default with --dataset_base_dir and no job config: "
-        "dataset_brats18/datalist/site-All.json",
+        "--datalist_json_path",
+        help="a datalist JSON file whose 'validation' cases are evaluated, or a folder of site-N.json files "
+        "(its site-All.json is used) (default: the job's; with --dataset_base_dir and no job config: "
+        "dataset_brats18/datalist/site-All.json)",
     )
     run = p.add_argument_group("inference")
     run.add_argument(
@@ -567,10 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no_cache", action="store_true", help="preprocess every case afresh instead")
     run.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto = CUDA when available, else CPU (default: auto)",
+        "--gpu",
+        type=int,
+        metavar="ID",
+        help="run on GPU ID, i.e. cuda:ID (default: GPU 0 when torch sees CUDA, else the CPU; "
+        "CUDA_VISIBLE_DEVICES= forces the CPU)",
     )
     run.add_argument(
         "--no_amp", action="store_true", help="turn mixed precision off on CUDA (on by default there, as in training)"
@@ -599,10 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def select_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise EvaluationInputError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return bp.select_device(prefer_cuda=choice != "cpu")
+def select_device(gpu: int | None) -> torch.device:
+    """--gpu ID: cuda:ID, checked; without it GPU 0 when torch sees CUDA, else the CPU."""
+    if gpu is None:
+        return bp.select_device()
+    if not torch.cuda.is_available():
+        raise EvaluationInputError(f"--gpu {gpu}: torch sees no CUDA device; leave --gpu out to run on the CPU")
+    count = torch.cuda.device_count()
+    if not 0 <= gpu < count:
+        raise EvaluationInputError(f"--gpu {gpu}: torch sees {count} CUDA device(s), ids 0 to {count - 1}")
+    return torch.device(f"cuda:{gpu}")
 
 
 def quiet_monai_warnings() -> None:
@@ -617,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_monai_warnings()
     try:
         specs = build_specs(args)
-        device = select_device(args.device)
+        device = select_device(args.gpu)
         output_dir = Path(args.output_dir) if args.output_dir else Path(args.workspace) / "evaluation"
         output_dir.mkdir(parents=True, exist_ok=True)
         models = [load_model(s.model_path, device) for s in specs]
@@ -632,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec, model in zip(specs, models):
         print(
             f"Evaluating {spec.label}: {spec.model_path} on the validation cases of {spec.datalist_path} "
-            f"({device.type}, window {'x'.join(map(str, spec.infer_roi_size))})",
+            f"({device}, window {'x'.join(map(str, spec.infer_roi_size))})",
             flush=True,
         )
         prediction_dir = output_dir / "predictions" / spec.label if args.save_predictions else None

@@ -2,16 +2,17 @@
 
     python -m result_stat.plot_case --workspace /tmp/nvflare/simulation --job_name brats18_4 --output_dir figs
     python -m result_stat.plot_case --prediction evaluation/predictions/brats18_4/Brats18_X_1.nii.gz \\
-        --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training --datalist dataset_brats18/datalist/site-All.json
+        --dataset_base_dir /data/MICCAI_BraTS_2018_Data_Training \\
+        --datalist_json_path dataset_brats18/datalist/site-All.json
 
 Two rows (FLAIR, T1ce) by three views (axial, coronal, sagittal). Each view cuts through the slice with the most
 ground-truth tumour (WT, TC and ET voxels counted together, so the cut goes through the core). Regions are outlined
 in one colour each (WT green, TC yellow, ET red): ground truth solid, prediction dashed. Volumes are shown in RAS
 orientation (patient's right on the image's right, superior and anterior up), with the voxel aspect ratio honoured.
 
-The prediction comes from --job / --model (the case is run through the clients' pipeline, as result_stat.evaluate
-does) or from a label map that ``result_stat.evaluate --save_predictions`` wrote (--prediction). Either way the
-outlines are the regions of the predicted label map (ET inside TC inside WT). Writes a PNG
+The prediction comes from --job_name / --checkpoint (the case is run through the clients' pipeline, as
+result_stat.evaluate does) or from a label map that ``result_stat.evaluate --save_predictions`` wrote (--prediction).
+Either way the outlines are the regions of the predicted label map (ET inside TC inside WT). Writes a PNG
 (matplotlib's Agg backend: nothing is shown on screen).
 """
 
@@ -201,18 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_argument_group("prediction (exactly one of --job_name, --model, --prediction)")
+    src = p.add_argument_group("prediction (exactly one of --job_name, --checkpoint, --prediction)")
     src.add_argument(
         "--workspace",
         default=DEFAULT_WORKSPACE,
         help=f"simulator workspace root for --job_name (default: {DEFAULT_WORKSPACE})",
     )
     src.add_argument("--job_name", help="job folder under --workspace; its best_FL_global_model.pt predicts the case")
-    src.add_argument("--model", help="any BratsSegResNet checkpoint to predict the case with")
+    src.add_argument("--checkpoint", help="any BratsSegResNet checkpoint file to predict the case with")
     src.add_argument("--prediction", help="a label map written by result_stat.evaluate --save_predictions")
     data = p.add_argument_group("data (default: what the job's sites used)")
     data.add_argument("--dataset_base_dir", help="folder the datalist paths are relative to")
-    data.add_argument("--datalist", help="datalist JSON (or folder of site-N.json) listing the case")
+    data.add_argument(
+        "--datalist_json_path",
+        help="a datalist JSON file listing the case, or a folder of site-N.json files (its site-All.json is used) "
+        "(default: the job's; with --dataset_base_dir and no job config: dataset_brats18/datalist/site-All.json)",
+    )
     data.add_argument(
         "--case",
         help="case id, e.g. Brats18_TCIA01_201_1 (default: the first validation case; "
@@ -223,14 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=3,
         metavar=("X", "Y", "Z"),
-        help="sliding-window size for --job_name/--model (default: the job's, else "
+        help="sliding-window size for --job_name/--checkpoint (default: the job's, else "
         f"{' '.join(map(str, default('infer_roi_size')))})",
     )
     data.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="where --job_name/--model inference runs (default: auto = CUDA when available)",
+        "--gpu",
+        type=int,
+        metavar="ID",
+        help="run --job_name/--checkpoint inference on GPU ID, i.e. cuda:ID (default: GPU 0 when torch sees CUDA, "
+        "else the CPU; CUDA_VISIBLE_DEVICES= forces the CPU)",
     )
     out = p.add_argument_group("output")
     out.add_argument(
@@ -246,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ev.quiet_monai_warnings()
-    sources = [s for s in (args.job_name, args.model, args.prediction) if s]
+    sources = [s for s in (args.job_name, args.checkpoint, args.prediction) if s]
     try:
         if len(sources) != 1:
-            raise CaseInputError("give exactly one of --job_name, --model, --prediction")
+            raise CaseInputError("give exactly one of --job_name, --checkpoint, --prediction")
         with tempfile.TemporaryDirectory() as work_dir:
             out, title = run(args, Path(work_dir))
     except (CaseInputError, ev.EvaluationInputError) as e:
@@ -265,22 +271,27 @@ def run(args: argparse.Namespace, work_dir: Path) -> tuple[Path, str]:
         prediction_file = Path(args.prediction)
         if not prediction_file.is_file():
             raise CaseInputError(f"--prediction {prediction_file} not found")
-        if not args.dataset_base_dir or not args.datalist:
-            raise CaseInputError("--prediction needs --dataset_base_dir and --datalist (where the case's scans are)")
+        if not args.dataset_base_dir or not args.datalist_json_path:
+            raise CaseInputError(
+                "--prediction needs --dataset_base_dir and --datalist_json_path (where the case's scans are)"
+            )
         spec = ev.ModelSpec(prediction_file.parent.name, prediction_file)
         case_id = args.case or ev.case_id_of(prediction_file)
     else:
-        model_path = ev.JobPaths(Path(args.workspace), args.job_name).best_model if args.job_name else Path(args.model)
+        if args.job_name:
+            model_path = ev.JobPaths(Path(args.workspace), args.job_name).best_model
+        else:
+            model_path = Path(args.checkpoint)
         if not model_path.is_file():
-            raise CaseInputError(f"no model at {model_path}; run the job first or check --workspace / --model")
+            raise CaseInputError(f"no model at {model_path}; run the job first or check --workspace / --checkpoint")
         spec = ev.ModelSpec(args.job_name or model_path.stem, model_path)
         case_id = args.case
-    ev.resolve_data(spec, args.dataset_base_dir, args.datalist, args.infer_roi_size)
+    ev.resolve_data(spec, args.dataset_base_dir, args.datalist_json_path, args.infer_roi_size)
     spec.cache_dir = ev.cache_dir_for(spec, Path(args.workspace), None, no_cache=False)
     entry = find_entry(spec.datalist_path, case_id)
     case_id = ev.case_id_of(entry["label"])
     if not args.prediction:
-        prediction_file = predict_case(spec, case_id, ev.select_device(args.device), work_dir)
+        prediction_file = predict_case(spec, case_id, ev.select_device(args.gpu), work_dir)
     et_label = bp.datalist_et_label(bp.read_datalist(spec.datalist_path))
     images, truth, predicted, spacing = load_case(spec.dataset_base_dir, entry, prediction_file, et_label)
     title = args.title or f"{case_id}: ground truth vs {spec.label} prediction"

@@ -274,7 +274,7 @@ def test_cli_headers_only_still_reads_labels(capsys, small_dataset):
         ("none", ["--dataset_base_dir", "{tmp}/nope"], "--dataset_base_dir"),
         ("none", ["--datalist_json_path", "{tmp}/nope"], "--datalist_json_path"),
         ("none", ["--num_workers", "0"], "--num_workers 0"),
-        ("none", ["--datalists", "site-9"], "site-9.json not in"),
+        ("none", ["--datalist_json_path", "{tmp}/dl/site-9.json"], "site-9.json does not exist"),
         ("bad_json", [], "is not valid JSON"),
         ("no_sites", [], "holds no site-*.json"),
         ("mixed_et", [], "disagree on et_label"),
@@ -295,6 +295,19 @@ def test_cli_bad_input_exit_2(capsys, small_dataset, tmp_path, breakage, argv, m
     code, out, err = run(capsys, *base, *[a.format(tmp=tmp_path) for a in argv])
     assert code == cd.EXIT_BAD_INPUT
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_cli_checks_the_datalist_files_named(capsys, small_dataset):
+    data, dl = small_dataset
+    code, out, err = run(
+        capsys, "--dataset_base_dir", data, "--datalist_json_path", dl / "site-2.json", dl / "site-1.json"
+    )
+    assert code == 0, out + err
+    assert "checking 4 case(s) listed in site-2, site-1 under" in out
+    assert not any(line.startswith("site-All") for line in out.splitlines())
+    # a folder and a file of it: each datalist once
+    code, out, _ = run(capsys, "--dataset_base_dir", data, "--datalist_json_path", dl, dl / "site-1.json")
+    assert code == 0 and "listed in site-1, site-2, site-All under" in out
 
 
 def test_site_names_sort_naturally(tmp_path):

@@ -194,7 +194,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
             "none of brats18_1, brats18_4, brats18_4_dp, brats18_4_dpsgd has a best model",
         ),
         (["--workspace", str(tmp_path), "--job_names", "brats18_9"], "--job_names brats18_9: no best model"),
-        (["--models", str(tmp_path / "none.pt")], "--models"),
+        (["--checkpoint", str(tmp_path / "none.pt")], "--checkpoint"),
     ]
     for argv, expected in cases:
         assert ev.main(argv) == 2
@@ -202,23 +202,36 @@ def test_bad_input_exits_2_with_one_line_naming_the_flag(tmp_path, capsys):
         assert expected in err and len(err.splitlines()) == 1, err
 
 
+def test_gpu_flag_selects_that_cuda_device_and_defaults_to_gpu_0_or_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev.select_device(None) == torch.device("cpu")
+    with pytest.raises(ev.EvaluationInputError, match="--gpu 0: torch sees no CUDA device"):
+        ev.select_device(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ev.select_device(None) == torch.device("cuda")
+    assert ev.select_device(1) == torch.device("cuda:1")
+    with pytest.raises(ev.EvaluationInputError, match="--gpu 2: torch sees 2 CUDA device"):
+        ev.select_device(2)
+
+
 def test_bad_data_flags_exit_2(tiny_federation, tmp_path, capsys):
     dataset_dir, datalist_dir = tiny_federation
     torch.save(BratsSegResNet(init_filters=8).state_dict(), tmp_path / "m.pt")
-    base = ["--models", str(tmp_path / "m.pt"), "--output_dir", str(tmp_path)]
-    data = ["--dataset_base_dir", str(dataset_dir), "--datalist", str(datalist_dir)]
+    base = ["--checkpoint", str(tmp_path / "m.pt"), "--output_dir", str(tmp_path)]
+    data = ["--dataset_base_dir", str(dataset_dir), "--datalist_json_path", str(datalist_dir)]
     cases = [
         ([], "pass --dataset_base_dir"),  # a bare checkpoint has no job config to take the data from
         (["--dataset_base_dir", str(tmp_path / "absent")], "--dataset_base_dir"),
-        (["--dataset_base_dir", str(dataset_dir), "--datalist", str(tmp_path / "absent.json")], "not found"),
-        (["--dataset_base_dir", str(tmp_path), "--datalist", str(datalist_dir)], "missing under"),
+        (["--dataset_base_dir", str(dataset_dir), "--datalist_json_path", str(tmp_path / "absent.json")], "not found"),
+        (["--dataset_base_dir", str(tmp_path), "--datalist_json_path", str(datalist_dir)], "missing under"),
         (data + ["--infer_roi_size", "30", "32", "24"], "--infer_roi_size"),
     ]
     for extra, expected in cases:
         assert ev.main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
-    twice = ["--models", str(tmp_path / "m.pt"), f"m={tmp_path / 'm.pt'}", "--output_dir", str(tmp_path), *data]
+    twice = ["--checkpoint", str(tmp_path / "m.pt"), f"m={tmp_path / 'm.pt'}", "--output_dir", str(tmp_path), *data]
     for argv, expected in [(twice, "appear twice")]:
         assert ev.main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -305,12 +318,11 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
             str(out),
             "--save_predictions",
             "--score_label_maps",
-            "--device",
-            "cpu",
         ],
         capture_output=True,
         text=True,
         cwd=REPO_DIR,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU, as the sites' final evaluation ran
     )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "per_case.csv") as f:
@@ -357,7 +369,7 @@ def test_script_writes_consistent_csv_summary_and_label_maps(tiny_job, tiny_fede
 
 @pytest.mark.e2e
 def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job, tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # the CPU, as the sites ran
     done = subprocess.run(
         [
             "bash",
@@ -366,8 +378,6 @@ def test_shell_script_evaluates_the_jobs_that_ran_and_skips_the_others(tiny_job,
             str(tiny_job.workspace_root),
             "--output_dir",
             str(tmp_path),
-            "--device",
-            "cpu",
         ],
         capture_output=True,
         text=True,

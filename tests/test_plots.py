@@ -199,7 +199,8 @@ def test_case_picture_of_a_shifted_prediction_outlines_it_elsewhere():
 
 
 @pytest.mark.e2e
-def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys):
+def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the CPU, as before --gpu replaced --device
     out = tmp_path / "case_Brats18_SYN_008_1.png"
     argv = [
         "--workspace",
@@ -208,8 +209,6 @@ def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys):
         tiny_job.job_name,
         "--output_dir",
         str(tmp_path),
-        "--device",
-        "cpu",
     ]
     assert pc.main(argv) == 0
     assert "Brats18_SYN_008_1" in capsys.readouterr().out  # the first validation case by default
@@ -218,7 +217,7 @@ def test_case_picture_of_a_real_job(tiny_job, tmp_path, capsys):
 
 
 def test_case_picture_bad_input_exits_2(tmp_path, capsys):
-    assert pc.main(["--job_name", "a", "--model", "b"]) == 2
+    assert pc.main(["--job_name", "a", "--checkpoint", "b"]) == 2
     assert "exactly one" in capsys.readouterr().err
     assert pc.main(["--workspace", str(tmp_path), "--job_name", "brats18_4"]) == 2
     assert "no model at" in capsys.readouterr().err
