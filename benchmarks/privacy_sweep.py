@@ -25,7 +25,7 @@ from pathlib import Path
 
 from brats_fl.job_results import JobPaths, JobResultError, summarize_job
 from brats_fl.privacy.report import check_report, load_report
-from brats_fl.settings import REPO_DIR
+from brats_fl.settings import REPO_DIR, site_names
 
 CSV_COLUMNS = (
     "config",
@@ -191,7 +191,7 @@ def read_row(config: SweepConfig, args: argparse.Namespace, runtime: float) -> d
     if config.mechanism == "none":
         return {**row, "epsilon": math.inf, "delta": 0.0, "privacy_unit": "none"}
     report = load_report(JobPaths(Path(args.workspace), config.name).privacy_report)
-    check_report(report, [f"site-{i}" for i in range(1, args.n_clients + 1)], args.num_rounds)
+    check_report(report, site_names(args.n_clients), args.num_rounds)
     deltas = [s["delta"] for s in report["sites"].values()]
     unit = "site update per round, summed" if config.mechanism == "svt" else "patient (training case)"
     return {**row, "epsilon": report["max_epsilon"], "delta": max(deltas), "privacy_unit": unit}

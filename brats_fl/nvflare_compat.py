@@ -5,8 +5,9 @@ installed NVFlare is not the version these workarounds were written for.
 
 - The simulator's site mix-up: :func:`give_each_simulator_thread_its_own_build_ctx` and the launcher at the bottom
   (``python -m brats_fl.nvflare_compat``), run by ``SimulatorEnv`` (docs/nvflare_simulator_race.md).
-- FedAvg that starts at a later round: :class:`ResumableFedAvgRecipe` rebuilds FedAvgRecipe's controller as a
-  :func:`BratsFedAvg <brats_fl.fl_components.BratsFedAvg>`, mirroring 2.9's private ``_create_controller``.
+- FedAvg that starts at a later round, and sums the sites' updates in a fixed order: ``ResumableFedAvgRecipe``
+  rebuilds FedAvgRecipe's controller as a :class:`BratsFedAvg` (mirroring 2.9's private ``_create_controller``),
+  which is a :class:`SiteOrderedFedAvg` (2.9 adds updates in arrival order; docs/determinism.md).
 - A server component added to a recipe: :func:`add_server_component` (``recipe._job``, private in 2.9).
 - Where NVFlare puts things: the simulator's folder layout (:data:`SERVER_RUN_DIR`, :func:`site_job_dir`,
   :func:`job_dir_of_model`), an admin kit's ``startup/fed_admin.json``, a downloaded result's ``workspace/``.
@@ -23,6 +24,7 @@ import threading
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 NVFLARE_VERSION = "2.9.0"  # the version every workaround below was written for and tested with
@@ -114,7 +116,41 @@ def first_client_error(job_dir: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 # FedAvg from a later round, and server components
 # ---------------------------------------------------------------------------------------------------------------
-class BratsFedAvg(FedAvg):
+class SiteOrderedFedAvg(FedAvg):
+    def __init__(self, *args, **kwargs):
+        """NVFlare's FedAvg (same arguments), adding the sites' updates in site-name order, not arrival order.
+
+        Works around 2.9's "InTime" aggregation: its result callback ``_aggregate_one_result`` adds each update to a
+        running weighted sum as it arrives, and floating-point addition is not associative, so the global model
+        depended on which site finished first and two runs with the same seed drifted apart (docs/determinism.md).
+        Here the callback holds the round's results; once all have arrived they go through NVFlare's own callback in
+        site-name order, then its ``_get_aggregated_result``: the same weights, metrics and round records, one order
+        of addition, at the price of holding one update per site until the round ends."""
+        super().__init__(*args, **kwargs)
+        self._held_results: list = []
+        self._held_lock = threading.Lock()  # results arrive on NVFlare's communication threads
+
+    def _aggregate_one_result(self, result) -> bool:
+        """Hold a result with parameters (an accepted one); one without goes to NVFlare's callback, which skips it
+        with a warning and reports it not accepted, as before."""
+        if not result.params:
+            return super()._aggregate_one_result(result)
+        with self._held_lock:
+            self._held_results.append(result)
+        return True
+
+    def _get_aggregated_result(self):
+        with self._held_lock:
+            held, self._held_results = self._held_results, []
+        for result in sorted(held, key=_get_client_name):
+            try:
+                super()._aggregate_one_result(result)
+            except Exception as e:  # as NVFlare treats a failing result callback: logged, the others go on
+                self.error(f"Unsuccessful aggregation of the result from {_get_client_name(result)}: {e}")
+        return super()._get_aggregated_result()
+
+
+class BratsFedAvg(SiteOrderedFedAvg):
     def __init__(self, *args, best_value: float | None = None, rounds_without_improvement: int = 0, **kwargs):
         """NVFlare's FedAvg controller that never stops at, or keeps a best model of, round 0 (the untrained model),
         its early-stopping state seeded from the rounds a resumed job already ran (2.9 keeps that state in the

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from brats_fl.settings import EXIT_BAD_INPUT
+from brats_fl.settings import EXIT_BAD_INPUT, site_names
 from dataset_brats18.datalist import MAX_NAMED, DatalistError, brats18_case_entry, write_datalist
 from dataset_brats18.layouts import (
     GRADES,
@@ -384,8 +384,8 @@ def write_plan(out_dir: Path, plan: Plan, cases: Mapping[str, CaseInfo], et_labe
         return [cases[cid].entry for cid in sorted(ids)]
 
     written = []
-    for i, (train, val) in enumerate(zip(plan.training, plan.validation)):
-        path = out_dir / f"site-{i + 1}.json"
+    for site, train, val in zip(site_names(len(plan.training)), plan.training, plan.validation):
+        path = out_dir / f"{site}.json"
         write_datalist(path, entries(train), entries(val), et_label)
         written.append(path)
     all_train = [cid for site in plan.training for cid in site]
@@ -428,7 +428,8 @@ def render_table(plan: Plan, cases: Mapping[str, CaseInfo]) -> str:
         hgg, lgg, insts = describe(train, cases)
         return (name, str(len(train)), hgg, lgg, str(n_val), insts)
 
-    rows = [row(f"site-{i + 1}", train, len(val)) for i, (train, val) in enumerate(zip(plan.training, plan.validation))]
+    sites = site_names(len(plan.training))
+    rows = [row(site, train, len(val)) for site, train, val in zip(sites, plan.training, plan.validation)]
     all_train = [cid for site in plan.training for cid in site]
     all_val = sorted({cid for site in plan.validation for cid in site})
     rows.append(row("site-All", all_train, len(all_val)))

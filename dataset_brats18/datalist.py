@@ -16,6 +16,7 @@ import nibabel as nib
 
 from brats_fl.pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
 from brats_fl.pipeline import MODALITIES as MODALITY_ORDER  # one channel order for the pipeline and the datalists
+from brats_fl.settings import site_names
 
 REQUIRED_KEYS = ("training", "validation")
 MAX_NAMED = 3  # how many offending files an error line names
@@ -27,7 +28,7 @@ class DatalistError(ValueError):
 
 def site_datalist_names(n_clients: int) -> list[str]:
     """Datalist files (without .json) a job with n_clients reads."""
-    return ["site-All"] if n_clients == 1 else [f"site-{i}" for i in range(1, n_clients + 1)]
+    return ["site-All"] if n_clients == 1 else site_names(n_clients)
 
 
 def brats18_case_entry(case_id: str, grade: str) -> dict:

@@ -175,6 +175,7 @@ def write_federated_datalists(
 ) -> Path:
     """Datalists for a synthetic federation: the last n_validation cases are the shared validation set, the rest
     are dealt round-robin to site-1..site-N; site-All.json holds the union of the sites' training cases."""
+    from brats_fl.settings import site_names
     from dataset_brats18.datalist import brats18_case_entry, write_datalist
 
     if not 1 <= n_validation < len(cases):
@@ -184,9 +185,9 @@ def write_federated_datalists(
         raise ValueError(f"{len(train_cases)} training cases cannot feed {n_sites} sites")
     validation = [brats18_case_entry(c.case_id, c.grade) for c in val_cases]
     datalist_dir = Path(datalist_dir)
-    for site in range(n_sites):
-        training = [brats18_case_entry(c.case_id, c.grade) for c in train_cases[site::n_sites]]
-        write_datalist(datalist_dir / f"site-{site + 1}.json", training, validation)
+    for i, site in enumerate(site_names(n_sites)):
+        training = [brats18_case_entry(c.case_id, c.grade) for c in train_cases[i::n_sites]]
+        write_datalist(datalist_dir / f"{site}.json", training, validation)
     write_datalist(
         datalist_dir / "site-All.json", [brats18_case_entry(c.case_id, c.grade) for c in train_cases], validation
     )
