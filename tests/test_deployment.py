@@ -37,10 +37,13 @@ def hospital(data_dir: Path, folder: Path, site: str, drop_training_cases: int =
 
 
 def poc_processes(poc_dir: Path) -> list[psutil.Process]:
+    """NVFlare server, client and job processes, of this POC or of any other POC (not simulator processes, which other
+    tests or jobs on the machine may be running)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         words = " ".join(p.info["cmdline"] or [])
-        if "nvflare" in words and (str(poc_dir) in words or "nvflare.private.fed.app" in words):
+        deployed = "nvflare.private.fed.app" in words and ".simulator." not in words
+        if "nvflare" in words and (str(poc_dir) in words or deployed):
             found.append(p)
     return found
 
