@@ -45,6 +45,7 @@ COMMAND = re.compile(
         (?P<job>(?:python3?\s+)?job\.py)\b
       | python3?\s+-m\s+(?P<module>[A-Za-z_][\w.]*)(?:\s+(?P<sub>[a-z]+)\b)?
       | (?:\./)?(?P<script>(?:result_stat/)?testing_models_3d\.sh|benchmarks/[\w]+\.sh)
+      | (?P<test_helper>python3?\s+tests/[\w/]+\.py)
       | (?P<other>(?:"""
     + "|".join(THIRD_PARTY)
     + r"""))(?=\s)
@@ -76,7 +77,7 @@ def command_key(match: re.Match) -> str:
     if match["script"]:
         script = match["script"] if "/" in match["script"] else f"result_stat/{match['script']}"
         return WRAPPERS.get(script, script)
-    if match["other"]:
+    if match["other"] or match["test_helper"]:  # a test's helper script documents its flags itself
         return THEIRS
     module = match["module"]
     if module.split(".")[0] not in OUR_PACKAGES:
