@@ -241,7 +241,7 @@ class _BuildCtxOfThisThread:
     NVFlare 2.9 shares one build_ctx dict between every client thread of the simulator: do_one_task writes the site's
     name into it, then sends it to that site's worker process, without a lock. Two threads starting sites at once can
     interleave, and a worker is then sent another site's name: it takes that identity but keeps its own workspace,
-    looks for ``app_<other site>/custom/client.py`` and fails with 'Can not find client.py'. With this descriptor on
+    looks for ``app_<other site>/custom/client.py``, which does not exist, and fails. With this descriptor on
     the class, each thread writes and sends its own copy."""
 
     def __set__(self, runner, shared: dict) -> None:

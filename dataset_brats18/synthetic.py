@@ -13,7 +13,6 @@ Usage: ``python -m dataset_brats18.synthetic --output_dir /tmp/syn --n_cases 12 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,15 +158,6 @@ def generate_dataset(
     manifest = {"settings": settings, "cases": [{"case_id": c.case_id, "grade": c.grade} for c in cases]}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return cases
-
-
-def dataset_fingerprint(out_dir: str | Path) -> str:
-    """SHA-256 over every NIfTI file's bytes, in sorted order (used by tests to prove determinism)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(out_dir).rglob("*.nii.gz")):
-        digest.update(path.relative_to(out_dir).as_posix().encode())
-        digest.update(np.asarray(nib.load(path).dataobj).tobytes())
-    return digest.hexdigest()
 
 
 def write_federated_datalists(

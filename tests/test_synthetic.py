@@ -1,15 +1,26 @@
 """The synthetic BraTS-like generator: official layout, nested labels, determinism."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import binary_dilation
 
 from dataset_brats18.datalist import load_datalist, site_datalist_names
-from dataset_brats18.synthetic import dataset_fingerprint, generate_dataset, write_federated_datalists
+from dataset_brats18.synthetic import generate_dataset, write_federated_datalists
 
 SHAPE = (24, 24, 16)
+
+
+def dataset_fingerprint(out_dir) -> str:
+    """SHA-256 over every NIfTI file's voxels, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(out_dir).rglob("*.nii.gz")):
+        digest.update(path.relative_to(out_dir).as_posix().encode())
+        digest.update(np.asarray(nib.load(path).dataobj).tobytes())
+    return digest.hexdigest()
 
 
 def test_official_layout_and_dtypes(tmp_path):
