@@ -172,16 +172,17 @@ def test_canary_cosines_are_the_cosines_with_each_regenerated_canary():
 
 def fake_observations(settings: TrainingSettings, sites, rounds: int, shift: float, n_cases: int = 6) -> dict:
     """Observations as the auditor writes them, for scores N(0, 0.01) plus -shift on included canaries (a canary
-    pushes the update against itself), and loss changes 1 on trained cases, 0 on held-out ones."""
+    pushes the update against itself), and loss changes 1 on trained cases, 0 on held-out ones, plus 10 x the
+    site's index (sites move every loss by their own amount)."""
     rng = np.random.default_rng(1)
     out = {"n_canaries": settings.audit_canaries, "sites": {}}
-    for site in sites:
+    for index, site in enumerate(sites):
         included = audit.included_canaries(settings.audit_seed, site, settings.audit_canaries)
         trained = ~audit.held_out_cases(settings.audit_seed, site, n_cases)
         out["sites"][site] = {
             str(r): {
                 "cosines": (rng.normal(0, 0.01, included.size) - shift * included).tolist(),
-                "loss_change": trained.astype(float).tolist(),
+                "loss_change": (trained + 10.0 * index).tolist(),
             }
             for r in range(rounds)
         }
@@ -198,11 +199,12 @@ def test_audit_job_grades_the_observations_with_the_seed(tmp_path):
     assert pooled["canaries"]["separation"]["auc"] == 1.0
     assert pooled["canaries"]["lower_bound"]["saturated"] and pooled["canaries"]["lower_bound"]["m"] == 256
     assert pooled["patients"]["auc"] == 1.0 and pooled["patients"]["n_in"] == 6  # 3 trained per site
+    assert audit_report.standardized(np.array([1.0, 3.0])).tolist() == [-1.0, 1.0]  # within each site
     assert result["formal"]["epsilon"] == "inf"
     row = audit_report.table_row(result)
     assert row[0] == "no privacy" and row[-1] == "0.5000" and len(row) == len(audit_report.TABLE_HEADER)
     lines = audit_report.summary_lines(result, tmp_path / audit_report.AUDIT_FILE)
-    assert "saturated" in lines[-2] and str(tmp_path) in lines[-1]
+    assert "saturated" in lines[-3] and "over 6 updates" in lines[-2] and str(tmp_path) in lines[-1]
 
 
 def test_audit_job_refuses_missing_rounds(tmp_path):

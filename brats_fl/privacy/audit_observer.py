@@ -224,6 +224,7 @@ class AuditObserver(DXOFilter):
     def observe(self, site: str, round_num: int, update: dict, data_kind: str, sent: dict | None) -> dict:
         """The record of one update: its fingerprint, its cosine with each canary, and (given the global model it
         answers) the loss change it causes on each of the site's candidate patients."""
+        started = time.perf_counter()
         vector = ParameterLayout.of_arrays(update).flatten(update)
         record = {
             "data_kind": data_kind,
@@ -232,9 +233,12 @@ class AuditObserver(DXOFilter):
             "update_sha256": vector_fingerprint(vector),
             "cosines": canary_cosines(self._settings.audit_seed, site, self._settings.audit_canaries, vector).tolist(),
         }
+        record["canary_seconds"] = time.perf_counter() - started
         if sent is not None and data_kind == DataKind.WEIGHT_DIFF:
+            started = time.perf_counter()
             after = {k: sent[k] + update[k] if k in update else sent[k] for k in sent}
             record["loss_change"] = (self._probe.losses(site, sent) - self._probe.losses(site, after)).tolist()
+            record["patient_seconds"] = time.perf_counter() - started
         return record
 
 

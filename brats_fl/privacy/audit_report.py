@@ -8,7 +8,7 @@ and writes ``privacy_audit.json`` next to it:
   server received), the epsilon estimate (Gaussian fit), the one-run lower bound at 95% with its cap, and the
   separation of included from excluded canaries (AUC, TPR at 1% and 5% FPR, bootstrap intervals);
 - real patients: each training case's score (the sum over rounds of the loss decrease the site's update causes on
-  it), and the separation of trained from held-out cases;
+  it, standardized within its site), and the separation of trained from held-out cases;
 - the formal guarantee of the job's mechanism, at its own delta and at the audit's delta (1e-5), and the Dice.
 
 The statistics are in brats_fl/privacy/audit_estimators.py; this module only gathers and formats. No torch, no
@@ -62,9 +62,16 @@ def site_scores(observations: dict, settings, site: str, rounds: int) -> dict[st
     }
     if all("loss_change" in r for r in records):
         patients = np.sum([r["loss_change"] for r in records], axis=0)
-        out["patients"] = patients
+        out["patients"] = standardized(patients)
         out["held_out"] = audit.held_out_cases(settings.audit_seed, site, patients.size)
     return out
+
+
+def standardized(scores: np.ndarray) -> np.ndarray:
+    """A site's patient scores minus their mean, over their sd: each site's update moves every loss by its own
+    amount, so raw scores of different sites are not comparable; the auditor knows each candidate's site."""
+    sd = scores.std()
+    return (scores - scores.mean()) / sd if sd > 0 else scores - scores.mean()
 
 
 def canary_figures(scores: np.ndarray, included: np.ndarray, samples: int) -> dict:
@@ -145,6 +152,12 @@ def audit_job(
         if "patients" in s:
             result["sites"][site]["patients"] = patient_figures(s["patients"], s["held_out"], samples)
             result["scores"][site].update(patients=s["patients"].tolist(), held_out=s["held_out"].tolist())
+    records = [r for site in sites for r in observations["sites"][site].values()]
+    result["auditor_seconds"] = {
+        "canaries": sum(r.get("canary_seconds", 0.0) for r in records),
+        "patients": sum(r.get("patient_seconds", 0.0) for r in records),
+        "updates": len(records),
+    }
     pooled = {key: np.concatenate([s[key] for s in per_site.values()]) for key in ("canary", "included")}
     result["all_sites"] = {"canaries": canary_figures(pooled["canary"], pooled["included"], samples)}
     if all("patients" in s for s in per_site.values()):
@@ -235,5 +248,16 @@ def summary_lines(result: dict, path: Path) -> list[str]:
         *(f"    {line}" for line in markdown_table([table_row(result)])),
         f"    the estimate assumes Gaussian scores and is no guarantee; the lower bound holds at 95% and cannot "
         f"exceed {_number(bound['cap']):.2f} with these canaries{saturated}; estimate mu {_fmt(estimate['mu'])}",
+        *auditor_cost_lines(result),
         f"  privacy audit: {path}",
+    ]
+
+
+def auditor_cost_lines(result: dict) -> list[str]:
+    cost = result.get("auditor_seconds")
+    if not cost:
+        return []
+    return [
+        f"    the auditor's time at the server: {cost['canaries']:.0f} s scoring canaries, {cost['patients']:.0f} s "
+        f"testing patients, over {cost['updates']} updates (in the background, while the sites train)"
     ]
