@@ -177,9 +177,9 @@ class CanaryInserter:
 
     def gradient_of(self, canary_ids: Sequence[int]) -> np.ndarray:
         """norm x the sum of these canaries' unit directions, as one float32 vector."""
-        ones = np.zeros(self.d, np.int32)
+        ones = np.zeros(self.d, np.int16 if len(canary_ids) < 2**15 else np.int32)  # how many +1s per value
         for j in canary_ids:
-            ones += canary_bits(self.seed, self.site, int(j), self.d)
+            np.add(ones, canary_bits(self.seed, self.site, int(j), self.d), out=ones, casting="unsafe")
         scale = np.float32(self.norm / math.sqrt(self.d))
         return (2 * ones - len(canary_ids)).astype(np.float32) * scale
 

@@ -71,9 +71,16 @@ def as_arrays(weights: dict) -> dict[str, np.ndarray]:
     }
 
 
+def probe_crop(roi_size) -> list[int]:
+    """The membership probe's crop: half the training crop per axis, in multiples of 8 (SegResNet's), at least 8.
+    The probe runs the model twice per case and update, as much as the sites' training again at the full crop;
+    halving each side costs 8 times less."""
+    return [max(8, (r // 2) // 8 * 8) for r in roi_size]
+
+
 class MembershipProbe:
     """Loss of a model on every candidate case of every site: the site's training cases, trained and held out,
-    each as a deterministic roi_size crop centred on its tumour (the training loss, without augmentation)."""
+    each as a deterministic crop centred on its tumour (:func:`probe_crop`; the training loss, no augmentation)."""
 
     def __init__(self, settings, n_clients: int):
         self.settings = settings
@@ -99,7 +106,7 @@ class MembershipProbe:
         datalist = bp.read_datalist(Path(s.datalist_json_path) / f"{name}.json")
         et_label = bp.datalist_et_label(datalist)
         entries = bp.resolve_entries(datalist["training"], s.dataset_base_dir)
-        roi, keys = list(s.roi_size), ["image", "label"]
+        roi, keys = probe_crop(s.roi_size), ["image", "label"]
         steps = Compose(
             [
                 *bp.validation_steps(et_label).transforms,
