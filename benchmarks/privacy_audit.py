@@ -61,14 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit_canaries", type=int, default=None, metavar="N",
                    help="canaries per site (default: job.py's)")  # fmt: skip
     p.add_argument("--num_rounds", type=int, default=None, help="FL rounds per job (default: the demo's 12)")
-    p.add_argument("--utility", action="store_true", help="also run each mechanism without canaries and without the "
-                   "audit, to measure what the canaries and the hold-out cost in Dice (6 more jobs)")  # fmt: skip
+    p.add_argument(
+        "--utility",
+        action="store_true",
+        help="also run each mechanism without canaries and without the "
+        "audit, to measure what the canaries and the hold-out cost in Dice (6 more jobs; same as --variants "
+        f"{' '.join(VARIANTS)})",
+    )
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["audited"], help="which jobs to run per "
+                   "mechanism: audited (canaries and hold-out), no_canaries (--audit_no_insert: the hold-out alone), "
+                   "not_audited (the ordinary job) (default: audited); the table reads every variant found in "
+                   "--workspace")  # fmt: skip
     p.add_argument("--replot_only", action="store_true", help="run nothing: re-read the jobs in --workspace")
     return p
 
 
-def jobs_to_run(utility: bool) -> list[AuditJob]:
-    variants = list(VARIANTS) if utility else ["audited"]
+def jobs_to_run(variants: list[str]) -> list[AuditJob]:
     return [AuditJob(m, v) for v in variants for m in MECHANISMS]
 
 
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     times = {}
     if not args.replot_only:
-        for job in jobs_to_run(args.utility):
+        for job in jobs_to_run(list(VARIANTS) if args.utility else args.variants):
             times[job.name] = run_job(job, args)
     results = {m: audit_result(AuditJob(m, "audited"), args.workspace) for m in MECHANISMS}
     missing = [m for m, r in results.items() if r is None]
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_audit(results, out / "privacy_audit.png", title)
     table = audit_report.markdown_table([audit_report.table_row(r) for r in results.values()])
     lines = [*table]
-    if args.utility:
+    references = [AuditJob(m, v) for m in MECHANISMS for v in VARIANTS if v != "audited"]
+    if any(best_dice(job, args.workspace) is not None for job in references):
         lines += ["", "Dice (best global val_dice):", *utility_lines(args)]
     if times:
         lines += ["", "Run times: " + ", ".join(f"{name} {t / 60:.1f} min" for name, t in times.items())]

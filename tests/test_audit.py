@@ -224,3 +224,40 @@ def test_formal_privacy_of_dpsgd_at_the_audit_delta():
     assert formal["epsilon"] == pytest.approx(6.0, abs=0.02) and formal["delta"] == plan.delta == 0.025
     assert formal["epsilon_at_audit_delta"] > formal["epsilon"]  # a smaller delta costs a larger epsilon
     assert audit_report.formal_privacy("none", None)["epsilon"] == "inf"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The comparison command (benchmarks/privacy_audit.py)
+# ---------------------------------------------------------------------------------------------------------------
+def test_comparison_commands_are_job_py_with_the_audit():
+    from benchmarks import privacy_audit as bench
+
+    args = bench.build_parser().parse_args(["--workspace", "/tmp/w", "--audit_canaries", "64"])
+    dpsgd_job = bench.job_command(bench.AuditJob("dpsgd", "audited"), args)
+    assert dpsgd_job[1].endswith("job.py") and dpsgd_job[dpsgd_job.index("--job_name") + 1] == "audit_dpsgd"
+    assert " ".join(dpsgd_job).endswith("--dp_mechanism dpsgd --dp_target_epsilon 8 --audit --audit_canaries 64")
+    assert "--audit_no_insert" in bench.job_command(bench.AuditJob("svt", "no_canaries"), args)
+    ordinary = bench.job_command(bench.AuditJob("none", "not_audited"), args)
+    assert "--audit" not in ordinary and "--audit_canaries" not in ordinary and "--no_final_eval" in ordinary
+    assert [j.name for j in bench.jobs_to_run(["audited"])] == ["audit_none", "audit_svt", "audit_dpsgd"]
+
+
+def test_comparison_table_and_figure_from_finished_jobs(tmp_path):
+    from benchmarks import privacy_audit as bench
+    from brats_fl.job_results import JobPaths
+
+    for mechanism, shift in (("none", 0.2), ("svt", 0.05), ("dpsgd", 0.0)):
+        settings = demo_settings(
+            audit=True, audit_seed=SEED, audit_canaries=64, dp_mechanism=None if mechanism == "none" else mechanism
+        )
+        folder = JobPaths(tmp_path / "ws", f"audit_{mechanism}").server_job_dir
+        folder.mkdir(parents=True)
+        observations = fake_observations(settings, ["site-1", "site-2"], 2, shift)
+        (folder / audit.OBSERVATIONS_FILE).write_text(json.dumps(observations))
+        audit_report.audit_job(folder, settings, ["site-1", "site-2"], 2, 0.5, None, samples=20)
+    out = tmp_path / "figs"
+    assert bench.main(["--replot_only", "--workspace", str(tmp_path / "ws"), "--output_dir", str(out)]) == 0
+    table = (out / "privacy_audit.md").read_text().splitlines()
+    assert table[0].startswith("| mechanism | formal epsilon (delta) | estimate | lower bound (cap) | canary AUC")
+    assert [row.split(" | ")[0] for row in table[2:5]] == ["| no privacy", "| SVT", "| DP-SGD"]
+    assert (out / "privacy_audit.png").stat().st_size > 10_000
