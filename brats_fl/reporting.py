@@ -61,6 +61,10 @@ def stop_line(run: RunOptions, head: str) -> str:
     last = last_model_round(run.job)
     if last < 0:
         return f"{head} before round 0 ended: nothing to resume from; start the job again."
+    if run.settings.audit:
+        from brats_fl.privacy.audit import NOT_RESUMABLE
+
+        return f"{head} after round {last}; {NOT_RESUMABLE}"
     return (
         f"{head} after round {last} of rounds 0-{run.settings.num_rounds - 1}; last global model: "
         f"{run.job.last_global_model}; resume with: {resume_command(run.job.job_dir, run.given)}"

@@ -17,7 +17,7 @@ from typing import Any
 from brats_fl.cli import EVALUATE, RESUME, build_parser, first_changed_flag, given_flags, settings_from_flags, shown
 from brats_fl.environments import Environment, environment
 from brats_fl.job_results import JobPaths
-from brats_fl.privacy.audit import audit_flag_problem, hold_out_problem, trained_case_count
+from brats_fl.privacy.audit import NOT_RESUMABLE, audit_flag_problem, hold_out_problem, trained_case_count
 from brats_fl.resume import StartPoint, count_sites, job_end, part_paths, read_job_settings, start_point
 from brats_fl.settings import (
     REPO_DIR,
@@ -306,7 +306,7 @@ def resumed_job(job_dir: Path, args: argparse.Namespace, given: dict, env: Envir
     job, what = JobPaths(job_dir.resolve().parent, job_dir.resolve().name), f"--resume {args.resume}"
     settings, n, threads, env = existing_job(job, args, given, RESUME, what, env)
     if settings.audit:
-        raise InputError(f"{what}: an audited job cannot be resumed (its audit would miss rounds); run it again")
+        raise InputError(f"{what}: {NOT_RESUMABLE}")
     start = start_point(job, what)
     finished = job_end(job)
     if finished or start.round >= settings.num_rounds:

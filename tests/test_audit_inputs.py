@@ -94,3 +94,13 @@ def test_help_explains_the_audit_flags():
     for flag in ("--audit ", "--audit_canaries N", "--audit_no_insert"):
         assert flag in text
     assert f"(default: {audit.DEFAULT_CANARIES})" in text
+
+
+def test_a_stopped_audited_job_is_not_offered_a_resume_command(tiny_federation, tmp_path, monkeypatch):
+    from brats_fl import reporting, resume
+
+    run = run_from_argv(base_argv(tiny_federation, tmp_path / "ws") + ["--audit"])
+    monkeypatch.setattr(resume, "last_model_round", lambda job: 3)
+    line = reporting.stop_line(run, "Stopped by SIGINT")
+    assert line == f"Stopped by SIGINT after round 3; {audit.NOT_RESUMABLE}"
+    assert "--resume" not in line

@@ -228,6 +228,7 @@ def insert_canaries(optimizer, model, settings: TrainingSettings, site: str, n_t
 # job.py: the audit's flags, checked before anything runs
 # ---------------------------------------------------------------------------------------------------------------
 AUDIT_ONLY_FLAGS = ("audit_canaries", "audit_no_insert")
+NOT_RESUMABLE = "an audited job cannot be resumed (its audit would miss rounds); run it again"
 
 
 def audit_flag_problem(audit: bool, given: Mapping[str, Any], env: str, checkpoint: bool) -> str | None:
