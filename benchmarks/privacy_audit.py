@@ -35,6 +35,7 @@ MECHANISMS = {
     "svt": ("SVT (paper's settings)", ("--enable_dp",), "tab:orange"),
     "dpsgd": ("DP-SGD (epsilon 8)", ("--enable_dp", "--dp_mechanism", "dpsgd", "--dp_target_epsilon", "8"), "tab:blue"),
 }
+ROC_STYLE = {"none": {"linewidth": 4, "alpha": 0.5}, "svt": {"linestyle": "--"}, "dpsgd": {}}  # overlaps stay visible
 VARIANTS = {  # what --utility adds, per mechanism
     "audited": ("--audit",),
     "no_canaries": ("--audit", "--audit_no_insert"),
@@ -90,6 +91,21 @@ def job_command(job: AuditJob, args: argparse.Namespace) -> list[str]:
     return command
 
 
+RUN_TIMES = "run_times.json"  # in --workspace: each job's wall time, so that a re-plot can quote them
+
+
+def record_run_time(workspace: str, name: str, seconds: float) -> None:
+    path = Path(workspace) / RUN_TIMES
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[name] = seconds
+    path.write_text(json.dumps(times, indent=1) + "\n")
+
+
+def recorded_run_times(workspace: str) -> dict[str, float]:
+    path = Path(workspace) / RUN_TIMES
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_job(job: AuditJob, args: argparse.Namespace) -> float:
     """Run one job (output to its log), printing its start and end; returns its wall time in seconds."""
     log = Path(args.workspace) / f"{job.name}.log"
@@ -101,7 +117,10 @@ def run_job(job: AuditJob, args: argparse.Namespace) -> float:
     seconds = time.perf_counter() - started
     status = "finished" if code == 0 else f"FAILED (exit {code}, see {log})"
     print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {status} in {seconds / 60:.1f} min", flush=True)
-    return seconds if code == 0 else float("nan")
+    if code != 0:
+        return float("nan")
+    record_run_time(args.workspace, job.name, seconds)
+    return seconds
 
 
 def audit_result(job: AuditJob, workspace: str) -> dict | None:
@@ -144,7 +163,7 @@ def plot_audit(results: dict[str, dict], png: Path, title: str) -> None:
         floor = min(floor, 1 / max(len(excluded), 1))
         auc = result["all_sites"]["canaries"]["separation"]["auc"]
         roc.step(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2), where="post", color=colour,
-                 label=f"{label}: AUC {auc:.3f}")  # fmt: skip
+                 label=f"{label}: AUC {auc:.3f}", **ROC_STYLE[mechanism])  # fmt: skip
     grid = np.logspace(np.log10(floor / 2), 0, 50)
     roc.plot(grid, grid, ":", color="grey", label="chance")
     roc.set(xscale="log", yscale="log", xlabel="false-positive rate", ylabel="true-positive rate")
@@ -216,9 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     references = [AuditJob(m, v) for m in MECHANISMS for v in VARIANTS if v != "audited"]
     if any(best_dice(job, args.workspace) is not None for job in references):
         lines += ["", "Dice (best global val_dice):", *utility_lines(args)]
+    recorded = recorded_run_times(args.workspace)
+    audited = [AuditJob(m, "audited").name for m in MECHANISMS]
+    if all(name in recorded for name in audited):
+        lines += [
+            "",
+            "Wall time of the three audited jobs: "
+            + ", ".join(f"{name} {recorded[name] / 60:.1f} min" for name in audited)
+            + f"; {sum(recorded[name] for name in audited) / 60:.1f} min in all",
+        ]
     if times:
-        lines += ["", "Run times: " + ", ".join(f"{name} {t / 60:.1f} min" for name, t in times.items())]
-        lines.append(f"Total: {total / 60:.1f} min")
+        lines.append(f"This invocation: {len(times)} job(s), {total / 60:.1f} min")
     (out / "privacy_audit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'privacy_audit.png'} and {out / 'privacy_audit.md'}")
