@@ -204,7 +204,11 @@ def test_audit_job_grades_the_observations_with_the_seed(tmp_path):
     row = audit_report.table_row(result)
     assert row[0] == "no privacy" and row[-1] == "0.5000" and len(row) == len(audit_report.TABLE_HEADER)
     lines = audit_report.summary_lines(result, tmp_path / audit_report.AUDIT_FILE)
-    assert "saturated" in lines[-3] and "over 6 updates" in lines[-2] and str(tmp_path) in lines[-1]
+    text = "\n".join(lines)
+    assert "cannot exceed 3.34 with these canaries, saturated" in text and "over 6 updates" in text
+    assert lines[-1] == f"  privacy audit: {tmp_path / audit_report.AUDIT_FILE}"
+    # shift 0.1 per round on 64 included canaries per site: 64 x 0.01 of each update's squared norm, less chance
+    assert result["canary_share_of_update"]["median"] == pytest.approx(0.64, abs=0.05)
 
 
 def test_audit_job_refuses_missing_rounds(tmp_path):

@@ -67,6 +67,20 @@ def site_scores(observations: dict, settings, site: str, rounds: int) -> dict[st
     return out
 
 
+def canary_share(observations: dict, settings, sites: list[str], rounds: int) -> dict:
+    """How much of each received update's squared norm lies along the site's included canaries: the sum of their
+    squared cosines (the canaries are nearly orthogonal), less what as many excluded canaries explain by chance.
+    Median and range over sites and rounds: how loud the canaries are next to the patients' signal and the noise."""
+    shares = []
+    for site in sites:
+        included = audit.included_canaries(settings.audit_seed, site, settings.audit_canaries)
+        for record in _site_observations(observations, site, rounds):
+            squared = np.square(record["cosines"])
+            chance = squared[~included].mean() * included.sum() if (~included).any() else 0.0
+            shares.append(float(squared[included].sum() - chance))
+    return {"median": float(np.median(shares)), "min": min(shares), "max": max(shares)}
+
+
 def standardized(scores: np.ndarray) -> np.ndarray:
     """A site's patient scores minus their mean, over their sd: each site's update moves every loss by its own
     amount, so raw scores of different sites are not comparable; the auditor knows each candidate's site."""
@@ -152,6 +166,7 @@ def audit_job(
         if "patients" in s:
             result["sites"][site]["patients"] = patient_figures(s["patients"], s["held_out"], samples)
             result["scores"][site].update(patients=s["patients"].tolist(), held_out=s["held_out"].tolist())
+    result["canary_share_of_update"] = canary_share(observations, settings, sites, rounds)
     records = [r for site in sites for r in observations["sites"][site].values()]
     result["auditor_seconds"] = {
         "canaries": sum(r.get("canary_seconds", 0.0) for r in records),
@@ -248,6 +263,8 @@ def summary_lines(result: dict, path: Path) -> list[str]:
         *(f"    {line}" for line in markdown_table([table_row(result)])),
         f"    the estimate assumes Gaussian scores and is no guarantee; the lower bound holds at 95% and cannot "
         f"exceed {_number(bound['cap']):.2f} with these canaries{saturated}; estimate mu {_fmt(estimate['mu'])}",
+        f"    the included canaries make {100 * result['canary_share_of_update']['median']:.1f}% of a received "
+        "update's squared norm (median over sites and rounds)",
         *auditor_cost_lines(result),
         f"  privacy audit: {path}",
     ]
