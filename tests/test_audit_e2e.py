@@ -117,7 +117,9 @@ def test_canaries_switched_off_give_chance_figures(tiny_federation, tmp_path):
     paths, result = run_audited(tiny_federation, tmp_path / "ws", "--audit_no_insert")
     canaries = pooled(result)
     assert not result["canaries_inserted"]
-    assert number(canaries["lower_bound"]["epsilon"]) == 0.0
+    # about 0: at 95% confidence a positive bound on nothing happens up to 5% of the time, but only just above 0
+    # (certifying 0.5 by chance has a probability of about 1e-3 with 256 canaries)
+    assert number(canaries["lower_bound"]["epsilon"]) < 0.5
     assert abs(canaries["separation"]["auc"] - 0.5) < 0.15  # 256 canaries: sd of a chance AUC about 0.036
     assert number(canaries["estimate"]["epsilon"]) < 1.5
     assert audit_report.table_row(result)[0] == "no privacy (no canaries)"
