@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [*table]
     references = [AuditJob(m, v) for m in MECHANISMS for v in VARIANTS if v != "audited"]
     if any(best_dice(job, args.workspace) is not None for job in references):
-        lines += ["", "Dice (best global val_dice):", *utility_lines(args)]
+        lines += ["", "Dice (best global val_dice):", "", *utility_lines(args)]
     recorded = recorded_run_times(args.workspace)
     audited = [AuditJob(m, "audited").name for m in MECHANISMS]
     if all(name in recorded for name in audited):
