@@ -35,7 +35,7 @@ import brats_fl.pipeline as bp
 from brats_fl import nvflare_compat
 from brats_fl.cache import CaseCache
 from brats_fl.evaluation import CASES_KEY, score_cases
-from brats_fl.privacy import DPSGD_META, dpsgd
+from brats_fl.privacy import DPSGD_META, audit, dpsgd
 from brats_fl.settings import SETTINGS_FILE, SITE_FAILURE_META, TrainingSettings
 from brats_fl.site_data import read_site_data
 from model import BratsSegResNet
@@ -121,6 +121,8 @@ def site_loader(settings: TrainingSettings, site_name: str, device: torch.device
     datalist = bp.read_datalist(datalist_file)
     cache = CaseCache(site_workspace() / settings.cache_dir) if settings.cache_dir else None  # relative: site-local
     entries = bp.resolve_entries(datalist[part], base_dir)
+    if part == "training":
+        entries = audit.trained_entries(settings, site_name, entries)  # with --audit: the half it keeps
     dataset = bp.make_dataset(entries, steps, cache, settings.cache_dataset, bp.datalist_et_label(datalist))
     generator = torch.Generator().manual_seed(site_seed(settings, site_name))
     return bp.make_loader(
@@ -157,6 +159,7 @@ def set_up_site(settings: TrainingSettings, site_name: str) -> Site:
     train_loader, val_loader = build_loaders(settings, site_name, device)
     model = BratsSegResNet(init_filters=settings.init_filters).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
+    audit.insert_canaries(optimizer, model, settings, site_name, len(train_loader.dataset))  # with --audit
     plan = None
     if settings.dp_mechanism == "dpsgd":
         plan, train_loader, optimizer = set_up_dpsgd(settings, site_name, train_loader.dataset, optimizer, device)

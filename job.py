@@ -85,6 +85,10 @@ def training_recipe(run: RunOptions):
     recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["train"])  # a site's error ends the job, named
     if settings.dp_mechanism:
         add_privacy(recipe, settings, run.n_clients, start.privacy_report)  # SVT filter / DP-SGD, privacy report
+    if settings.audit:
+        from brats_fl.privacy.audit_observer import add_audit_observer
+
+        add_audit_observer(recipe, settings, run.n_clients)  # --audit: scores what the server receives
     return recipe
 
 

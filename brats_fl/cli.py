@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from brats_fl.privacy import MECHANISMS
+from brats_fl.privacy.audit import secret_seed_setting
 from brats_fl.settings import (
     CACHE_FOLDER,
     DEFAULT_WORKSPACE,
@@ -58,6 +59,9 @@ GROUPS = {
     "hardware": "hardware",
     "privacy": "differential privacy (each site's spent epsilon per round goes to <job>/server/simulate_job/"
     "privacy_report.json and TensorBoard tag privacy_epsilon; predict it with `python -m brats_fl.privacy`)",
+    "audit": "privacy audit (what the server can infer from the updates it receives, measured in the same job: "
+    "canaries and a patient hold-out, scored at the server; <job>/server/simulate_job/privacy_audit.json; see "
+    "docs/privacy.md)",
     "long runs": "long runs (Ctrl-C or SIGTERM stops every process of the job and prints the command that resumes "
     "it; see docs/long_runs.md)",
 }
@@ -144,6 +148,16 @@ FLAGS: tuple[Flag, ...] = (
          setting=True),
     Flag("dp_secure_mode", "privacy", "DP-SGD: Opacus's secure mode, noise robust to floating-point attacks (each "
          "noise value is the scaled sum of 4 Gaussian draws; see docs/privacy.md) (default: off)", ON),
+    # privacy audit
+    Flag("audit", "audit", "audit this job: each site inserts canary gradients (random directions of norm "
+         "--dp_max_grad_norm, each drawn with the patients' sampling rate) into its local steps and trains on half of "
+         "its cases; the server scores every canary against every update it receives and tests the held-out patients; "
+         "the job ends with an epsilon estimate, a 95%% lower bound, canary and patient AUCs. Simulator only (default: "
+         "off)", ON),
+    Flag("audit_canaries", "audit", "canaries drawn per site with --audit, each inserted with probability 1/2, >= 16",
+         {"type": int, "metavar": "N"}, setting=True),
+    Flag("audit_no_insert", "audit", "with --audit: draw and score the canaries but insert none (the audit's null run: "
+         "every figure should be at chance; the Dice of the hold-out alone)", ON),
     # long runs
     Flag("resume", "long runs", "continue the stopped or crashed job in JOB_DIR (<workspace>/<job_name>) at the "
          "round after its last global model, with the settings it started with; besides it only these flags may be "
@@ -212,6 +226,7 @@ def settings_from_flags(args: argparse.Namespace, demo: bool, **derived: Any) ->
         values[f.name] = default(f.name, demo) if given is None else given
     values.update(
         centralised=args.n_clients == 1,
+        **secret_seed_setting(args.audit),
         amp=not args.no_amp,
         dp_mechanism=args.dp_mechanism if args.enable_dp else None,
         validate_at="every_site" if args.validate_every_site else "one_site",

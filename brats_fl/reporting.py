@@ -61,6 +61,10 @@ def stop_line(run: RunOptions, head: str) -> str:
     last = last_model_round(run.job)
     if last < 0:
         return f"{head} before round 0 ended: nothing to resume from; start the job again."
+    if run.settings.audit:
+        from brats_fl.privacy.audit import NOT_RESUMABLE
+
+        return f"{head} after round {last}; {NOT_RESUMABLE}"
     return (
         f"{head} after round {last} of rounds 0-{run.settings.num_rounds - 1}; last global model: "
         f"{run.job.last_global_model}; resume with: {resume_command(run.job.job_dir, run.given)}"
@@ -74,11 +78,30 @@ def job_summary(run: RunOptions, rounds_run: int) -> JobSummary:
     summary = summarize_job(
         run.job.workspace_root, run.job.job_name, rounds_run, run.settings.validating_sites(run.n_clients)
     )
+    report = None
     if run.settings.dp_mechanism:
         report = load_report(summary.paths.privacy_report)
         check_report(report, run.sites, len(summary.rounds))  # every site and round, none unprotected
         summary.extra_lines += summary_lines(report, summary.paths.privacy_report)
+    if run.settings.audit:
+        summary.extra_lines += audit_lines(run, summary, report)
     return summary
+
+
+def audit_lines(run: RunOptions, summary: JobSummary, privacy_report: dict | None) -> list[str]:
+    """--audit: the audit's figures, computed from what the auditor observed (brats_fl/privacy/audit_report.py)."""
+    from brats_fl.privacy import audit_report
+
+    print("Privacy audit: scoring the canaries and patients the server observed ...", flush=True)
+    result = audit_report.audit_job(
+        summary.paths.server_job_dir,
+        run.settings,
+        run.sites,
+        len(summary.rounds),
+        summary.best_metrics.get("val_dice"),
+        privacy_report,
+    )
+    return audit_report.summary_lines(result, summary.paths.server_job_dir / audit_report.AUDIT_FILE)
 
 
 def evaluate_at_sites(run: RunOptions, checkpoint: Path, eval_paths: JobPaths, output: JobPaths):

@@ -17,6 +17,7 @@ from typing import Any
 from brats_fl.cli import EVALUATE, RESUME, build_parser, first_changed_flag, given_flags, settings_from_flags, shown
 from brats_fl.environments import Environment, environment
 from brats_fl.job_results import JobPaths
+from brats_fl.privacy.audit import NOT_RESUMABLE, audit_flag_problem, hold_out_problem, trained_case_count
 from brats_fl.resume import StartPoint, count_sites, job_end, part_paths, read_job_settings, start_point
 from brats_fl.settings import (
     REPO_DIR,
@@ -88,6 +89,9 @@ def prepare_run(args: argparse.Namespace, given: dict[str, Any]) -> RunOptions:
     if args.stop_after_round is not None and args.stop_after_round < 0:
         raise InputError(f"--stop_after_round {args.stop_after_round}: need a round number >= 0")
     env = environment(args.env, args.startup_kit)
+    audit_problem = audit_flag_problem(args.audit, given, args.env, bool(args.checkpoint))
+    if audit_problem:
+        raise InputError(audit_problem)
     if args.resume:
         run = resumed_job(Path(args.resume), args, given, env)
     elif args.checkpoint and job_of_model(Path(args.checkpoint)):
@@ -137,6 +141,8 @@ def new_job(args: argparse.Namespace, given: dict[str, Any], env: Environment) -
     dataset_dir, datalist_dir = resolve_data(args, demo, n)
     settings = replace(settings, dataset_base_dir=str(dataset_dir.resolve()), datalist_json_path=str(datalist_dir))
     settings = with_validating_site(settings, n)
+    if settings.audit:
+        check_audit_hold_out(settings, n)
     plans = plan_dpsgd_sites(settings, n) if settings.dp_mechanism == "dpsgd" and not args.checkpoint else {}
     env, settings = env.with_site_data(settings, n, job)
     return replace(run, settings=settings, env=env, dpsgd_plans=plans)
@@ -220,6 +226,14 @@ def with_validating_site(settings: TrainingSettings, n_clients: int) -> Training
     return replace(settings, validating_site=min(sizes, key=sizes.get))  # the first of them on a tie
 
 
+def check_audit_hold_out(settings: TrainingSettings, n_clients: int) -> None:
+    """--audit holds out half of each site's training cases: every site needs at least 2."""
+    for site, datalist in site_datalists(settings, n_clients).items():
+        problem = hold_out_problem(site, len(datalist["training"]))
+        if problem:
+            raise InputError(problem)
+
+
 def plan_dpsgd_sites(settings: TrainingSettings, n_clients: int) -> dict:
     """Calibrate each site's DP-SGD noise now, so a target the accountant cannot reach stops the job before it runs.
     Each site repeats the same (deterministic) calibration from its own datalist."""
@@ -230,7 +244,7 @@ def plan_dpsgd_sites(settings: TrainingSettings, n_clients: int) -> dict:
     for site, datalist in site_datalists(settings, n_clients).items():
         try:
             plans[site] = plan_dpsgd(
-                len(datalist["training"]),
+                trained_case_count(settings, len(datalist["training"])),  # with --audit: half of them
                 settings.num_rounds,
                 settings.aggregation_epochs,
                 settings.dp_target_epsilon,
@@ -291,6 +305,8 @@ def resumed_job(job_dir: Path, args: argparse.Namespace, given: dict, env: Envir
 
     job, what = JobPaths(job_dir.resolve().parent, job_dir.resolve().name), f"--resume {args.resume}"
     settings, n, threads, env = existing_job(job, args, given, RESUME, what, env)
+    if settings.audit:
+        raise InputError(f"{what}: {NOT_RESUMABLE}")
     start = start_point(job, what)
     finished = job_end(job)
     if finished or start.round >= settings.num_rounds:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from brats_fl.privacy import MECHANISMS
+from brats_fl.privacy.audit import DEFAULT_CANARIES, MIN_CANARIES
 
 # ---------------------------------------------------------------------------------------------------------------
 # Where things are, and how tools exit
@@ -97,6 +98,12 @@ class TrainingSettings:
     dp_delta: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_secure_mode: bool = False
+    # the privacy audit (brats_fl/privacy/audit.py; job.py --audit): canaries and a patient hold-out, drawn from a
+    # secret seed that job.py makes for each audited job (never --seed)
+    audit: bool = False
+    audit_canaries: int = DEFAULT_CANARIES  # canaries drawn per site, each inserted with probability 1/2
+    audit_no_insert: bool = False  # draw and score the canaries but insert none: the audit's null run
+    audit_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("roi_size", "infer_roi_size"):  # JSON and argparse give lists
@@ -143,6 +150,13 @@ class TrainingSettings:
             for flag in ("dp_epsilon", "dp_noise_var", "dp_gamma"):
                 if not (getattr(self, flag) > 0 and math.isfinite(getattr(self, flag))):
                     yield f"--{flag} {getattr(self, flag)}: need a finite value > 0"
+        if self.audit and not (self.dp_max_grad_norm > 0 and math.isfinite(self.dp_max_grad_norm)):
+            yield f"--dp_max_grad_norm {self.dp_max_grad_norm}: the audit's canary norm; need a finite value > 0"
+        if self.audit and self.audit_canaries < MIN_CANARIES:
+            yield (
+                f"--audit_canaries {self.audit_canaries}: need >= {MIN_CANARIES} canaries per site (a few hundred "
+                "for a useful audit)"
+            )
 
     # The rules every part of the project applies to these settings, written once
     def uses_amp(self, device_type: str) -> bool:
