@@ -192,7 +192,8 @@ def add_mlflow_receiver(recipe, tracking_uri: str | None, experiment_name: str) 
     unless MLFLOW_ALLOW_FILE_STORE is set)."""
     from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 
-    kw_args = {"experiment_name": experiment_name, "run_name": "brats-fl", "run_tags": {"job": experiment_name}}
+    tags = {"job": experiment_name, "project": "brats-fl"}  # both given: NVFlare prints a notice for a missing one
+    kw_args = {"experiment_name": experiment_name, "run_name": "brats-fl", "experiment_tags": tags, "run_tags": tags}
     recipe._job.to_server(MLflowReceiver(tracking_uri=tracking_uri, kw_args=kw_args), MLFLOW_RECEIVER_ID)
 
 

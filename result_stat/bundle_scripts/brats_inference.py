@@ -23,7 +23,7 @@ NECROSIS_LABEL, EDEMA_LABEL = 1, 2
 
 def find_cases(dataset_dir: str) -> list[dict]:
     """Every case under dataset_dir whose four modalities are there, as {"image": [t1ce, t1, t2, flair]}, found by
-    the first modality's file name; sorted by path."""
+    the first modality's file name; sorted by path. None found is an error, not an empty run."""
     cases = []
     for suffixes in MODALITY_SUFFIXES.values():
         for ending in NIFTI_ENDINGS:
@@ -34,6 +34,11 @@ def find_cases(dataset_dir: str) -> list[dict]:
                 images = [os.path.join(folder, f"{stem}{s}{ending}") for s in suffixes]
                 if all(os.path.isfile(p) for p in images):
                     cases.append({"image": images})
+    if not cases:
+        raise FileNotFoundError(
+            f"no case under dataset_dir {dataset_dir}: expected <case>_t1ce/_t1/_t2/_flair.nii.gz or "
+            "<case>-t1c/-t1n/-t2w/-t2f.nii.gz files"
+        )
     return sorted(cases, key=lambda c: c["image"][0])
 
 
