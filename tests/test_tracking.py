@@ -63,6 +63,45 @@ def test_tracking_uri_needs_mlflow_and_a_uri():
     }
 
 
+def test_curves_are_read_from_a_jobs_mlflow_store_when_it_has_no_tensorboard_events(tmp_path, capsys):
+    """A store laid out as NVFlare's MLflowReceiver writes it: one run per site named <site>-<job id>-<job>-<name>."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from result_stat import plot_tensorboard_events as plots
+
+    paths = JobPaths(tmp_path / "ws", "brats18_2")
+    paths.server_job_dir.mkdir(parents=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{paths.mlflow_db}")
+    experiment = client.create_experiment(paths.job_name, artifact_location=(tmp_path / "artifacts").as_uri())
+    values = {"site-1": [0.2, 0.5, 0.4], "site-2": [0.3, 0.6, 0.7]}
+    for site, series in values.items():
+        run = client.create_run(experiment, run_name=f"{site}-179621-brats18_2-brats-fl", tags={"job_id": "1796211"})
+        metrics = [Metric("val_dice", v, 1000 + step, step) for step, v in enumerate(series)]
+        client.log_batch(run.info.run_id, metrics=[*metrics, Metric("val_dice", 0.9, 999, 0)])  # an earlier log
+    scalars = read_job_scalars(paths)
+    assert scalars == {site: {"val_dice": list(enumerate(series))} for site, series in values.items()}
+    assert (
+        plots.main(
+            [
+                "--workspace",
+                str(tmp_path / "ws"),
+                "--job_names",
+                "brats18_2",
+                "--tags",
+                "val_dice",
+                "--output_dir",
+                str(tmp_path / "figs"),
+                "--formats",
+                "png",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "figs" / "val_dice.png").is_file()
+    assert "val_dice brats18_2: 3 rounds, last 0.5500" in capsys.readouterr().out  # the mean of the two sites
+
+
 @pytest.mark.e2e
 def test_mlflow_store_holds_val_dice_of_every_round_and_no_training_statistic_under_dp(
     tiny_federation, tmp_path, capsys
