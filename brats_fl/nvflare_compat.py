@@ -193,6 +193,7 @@ def _resumable_fedavg_recipe():
             start_round: int = 0,
             best_value: float | None = None,
             rounds_without_improvement: int = 0,
+            local_only: bool = False,
             **kwargs,
         ) -> None:
             """NVFlare's PyTorch FedAvg recipe, its controller a BratsFedAvg that runs ``num_rounds`` rounds numbered
@@ -211,7 +212,14 @@ def _resumable_fedavg_recipe():
             super().__init__(**kwargs)
 
         def _create_controller(self, persistor_id: str, model_params, model_aggregator):
-            """FedAvgRecipe's controller, built as NVFlare 2.9's recipe builds it, but a BratsFedAvg."""
+            """FedAvgRecipe's controller, built as NVFlare 2.9's recipe builds it, but a BratsFedAvg (or, local-only,
+            a LocalOnlyTraining on the same initial model)."""
+            if self._local_only:
+                from brats_fl.site_models import LocalOnlyTraining
+
+                return LocalOnlyTraining(
+                    num_clients=self.min_clients, num_rounds=self.num_rounds, persistor_id=persistor_id
+                )
             return BratsFedAvg(
                 num_clients=self.min_clients,
                 num_rounds=self.num_rounds,
