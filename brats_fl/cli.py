@@ -81,7 +81,8 @@ FLAGS: tuple[Flag, ...] = (
          setting=True),
     Flag("aggregation_epochs", "federation", "local epochs per round", {"type": int}, setting=True),
     Flag("job_name", "federation", "job folder name (default: brats18_<n_clients>, with _dp appended for SVT and "
-         "_dpsgd for DP-SGD, _local for --local_only; with --checkpoint: <job or checkpoint>_evaluation)", existing_job=(EVALUATE,)),
+         "_dpsgd for DP-SGD, _local for --local_only; with --checkpoint: <job or checkpoint>_evaluation)",
+         existing_job=(EVALUATE,)),
     Flag("workspace", "federation", "workspace root; the job runs in <workspace>/<job_name> (default: "
          f"{DEFAULT_WORKSPACE}; with --checkpoint of a job's model: that job's workspace)",
          {"default": DEFAULT_WORKSPACE}, existing_job=(EVALUATE,)),

@@ -202,8 +202,10 @@ def _resumable_fedavg_recipe():
             Args:
                 start_round: the first round to run.
                 best_value, rounds_without_improvement: the early-stopping state of the earlier rounds.
+                local_only: no FedAvg: each site trains alone (brats_fl/site_models.py, LocalOnlyTraining).
                 kwargs: FedAvgRecipe's arguments.
             """
+            self._local_only = local_only
             self._resume_state = {
                 "start_round": start_round,
                 "best_value": best_value,

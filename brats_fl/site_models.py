@@ -125,8 +125,7 @@ class ModelsAtSites(ModelController):
             data = FLModel(params=load_weights(Path(spec["checkpoint"])), meta={"brats_model": name})
             results = self.send_model_and_wait(task_name="validate", data=data, targets=list(spec["sites"]))
             scores[name] = {
-                (r.meta or {}).get("client_name", "unknown-site"): (r.metrics or {}).get(CASES_KEY, {})
-                for r in results
+                (r.meta or {}).get("client_name", "unknown-site"): (r.metrics or {}).get(CASES_KEY, {}) for r in results
             }
             write_atomically(path, lambda tmp: tmp.write_text(json.dumps(scores, indent=1)))
             if self.abort_signal.triggered:

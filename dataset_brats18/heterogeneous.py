@@ -85,7 +85,8 @@ def generate_heterogeneous(
         raise ValueError("every site needs at least one training and one validation case")
     out_dir = Path(out_dir)
     manifest = out_dir / "heterogeneous_manifest.json"
-    settings = {"version": GENERATOR_VERSION, "shape": list(shape), "seed": seed, "sites": [asdict(p) for p in profiles]}
+    sites = [asdict(p) for p in profiles]
+    settings = {"version": GENERATOR_VERSION, "shape": list(shape), "seed": seed, "sites": sites}
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
     if manifest.is_file() and json.loads(manifest.read_text()) != settings:
         raise ValueError(f"{out_dir} holds a heterogeneous demo made with other settings; remove it or use another")
