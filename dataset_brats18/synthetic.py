@@ -103,8 +103,12 @@ def make_case_arrays(
     warp = 1.0 + 0.18 * _smooth_field(rng, shape)
     dist = _ellipsoid_distance(shape, centre, wt_radii) * warp
     for _ in range(style.n_tumours - 1):  # further lesions (the reference draws none: its voxels stay the same)
-        other_centre = dims / 2.0 + rng.uniform(-0.25, 0.25, size=3) * dims
         other_radii = dims * rng.uniform(0.18, 0.27, size=3) * style.tumour_scale
+        direction = rng.normal(size=3)
+        if np.dot(direction, centre - dims / 2.0) > 0:  # towards the other side of the brain, where there is room
+            direction = -direction
+        step = 1.1 * (wt_radii.max() + other_radii.max()) / np.linalg.norm(direction)
+        other_centre = np.clip(centre + direction * step, 0.2 * dims, 0.8 * dims)
         dist = np.minimum(dist, _ellipsoid_distance(shape, other_centre, other_radii) * warp)
     core_ratio = rng.uniform(0.50, 0.65)
     necrosis_ratio = rng.uniform(0.45, 0.65) * core_ratio
