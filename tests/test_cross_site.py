@@ -164,6 +164,24 @@ def test_no_multi_site_job_and_not_a_job_folder(earlier_jobs, capsys):
     assert "not the folder of a job" in bad_input(capsys, "--jobs", str(workspace / "datalists"))
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--local_only", "--n_clients", "1"], "--local_only needs --n_clients >= 2"),
+        (["--local_only", "--enable_dp"], "--local_only: leave --enable_dp and --audit out"),
+        (["--local_only", "--patience", "3"], "--local_only: leave --stop_dice and --patience out"),
+        (["--demo", "heterogeneous", "--n_clients", "5"], "--demo heterogeneous: --n_clients 5: the demo has 4 sites"),
+        (["--demo", "heterogeneous", "--dataset_base_dir", "/data"], "--demo heterogeneous: the synthetic demo's data"),
+    ],
+)
+def test_job_py_refuses_in_one_line(flags, expected, tmp_path, capsys):
+    import job
+
+    assert job.main([*flags, "--workspace", str(tmp_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The heterogeneous demo
 # ---------------------------------------------------------------------------------------------------------------
