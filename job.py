@@ -77,7 +77,8 @@ def training_recipe(run: RunOptions):
         start_round=start.round,
         best_value=start.best_value,
         rounds_without_improvement=start.rounds_without_improvement,
-        local_only=settings.local_only,  # --local_only: each site trains alone (brats_fl/site_models.py)
+        local_only=settings.local_only,  # --local_only: each site trains alone (brats_fl/site_models.py) ...
+        local_final_evaluation=run.final_eval,  # ... then scores its own best model, in the same job
     )
     if run.env.sends_to_named_sites:
         send_to_named_sites(recipe, run.n_clients)  # a deployment: site-1 ... site-N, not every site there is

@@ -225,13 +225,13 @@ def local_training_lines(run) -> list[str]:
 
 
 def report_local_only(run) -> int:
-    """What job.py prints after a local-only job: each site's best model, then (unless --no_final_eval) each site
-    scores its own model case by case, as the final evaluation of a federated job does, and the command that builds
-    the cross-site matrix."""
+    """What job.py prints after a local-only job: each site's best model, then (unless --no_final_eval) the scores
+    each site gave its own model case by case at the end of the job, as in the final evaluation of a federated job,
+    and the command that builds the cross-site matrix."""
     import sys
 
-    from brats_fl.job_results import JobResultError
-    from brats_fl.reporting import FINAL_EVALUATION_JOB, final_evaluation_lines
+    from brats_fl.job_results import FINAL_EVALUATION_FILE, JobResultError
+    from brats_fl.reporting import final_evaluation_lines
     from brats_fl.settings import EXIT_FAILED, EXIT_OK
 
     job = run.job
@@ -242,21 +242,13 @@ def report_local_only(run) -> int:
         return EXIT_FAILED
     head = f"Job {job.job_name} finished: {run.settings.num_rounds} rounds of local-only training (no aggregation)"
     print("\n".join([f"{head}, workspace {job.job_dir}", *lines]), flush=True)
-    if run.final_eval:
-        specs = {
-            m.name: {"checkpoint": str(m.checkpoint), "sites": [m.name.removeprefix(LOCAL_MODEL_PREFIX)]}
-            for m in models_of_job(job, run.settings, run.n_clients)
-        }
-        print("Final evaluation: each site scores its own best local model on its validation cases.", flush=True)
-        eval_paths = JobPaths(job.job_dir, FINAL_EVALUATION_JOB)
-        outcome, scores = score_models_at_sites(
-            run.settings, run.env, run.n_clients, run.threads, run.gpu, specs, eval_paths
-        )
-        if scores is None:
-            why = f"stopped by {outcome.interrupted}" if outcome.interrupted else f"failed: {outcome.error}"
-            print(f"error: the final evaluation {why}", file=sys.stderr)
-            return outcome.interrupted.exit_code if outcome.interrupted else EXIT_FAILED
-        per_site = {spec["sites"][0]: scores[name][spec["sites"][0]] for name, spec in specs.items()}
+    if run.final_eval:  # LocalOnlyTraining had each site score its own best model, at the end of the job
+        scores_path = job.server_job_dir / FINAL_EVALUATION_FILE
+        per_site = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+        missing = [s for s in run.sites if not per_site.get(s)]
+        if missing:
+            print(f"error: the final evaluation has no scores of {', '.join(missing)} ({scores_path})", file=sys.stderr)
+            return EXIT_FAILED
         write_results(per_site, job.final_evaluation_table, job.final_evaluation_csv)
         lines = final_evaluation_lines(job, job.final_evaluation_table)
         print("\n".join(lines).replace("of the best model", "of each site's own model"))

@@ -194,6 +194,7 @@ def _resumable_fedavg_recipe():
             best_value: float | None = None,
             rounds_without_improvement: int = 0,
             local_only: bool = False,
+            local_final_evaluation: bool = True,
             **kwargs,
         ) -> None:
             """NVFlare's PyTorch FedAvg recipe, its controller a BratsFedAvg that runs ``num_rounds`` rounds numbered
@@ -203,9 +204,11 @@ def _resumable_fedavg_recipe():
                 start_round: the first round to run.
                 best_value, rounds_without_improvement: the early-stopping state of the earlier rounds.
                 local_only: no FedAvg: each site trains alone (brats_fl/site_models.py, LocalOnlyTraining).
+                local_final_evaluation: with local_only, each site then scores its own best model, in the same job.
                 kwargs: FedAvgRecipe's arguments.
             """
             self._local_only = local_only
+            self._local_final_evaluation = local_final_evaluation
             self._resume_state = {
                 "start_round": start_round,
                 "best_value": best_value,
@@ -220,7 +223,10 @@ def _resumable_fedavg_recipe():
                 from brats_fl.site_models import LocalOnlyTraining
 
                 return LocalOnlyTraining(
-                    num_clients=self.min_clients, num_rounds=self.num_rounds, persistor_id=persistor_id
+                    num_clients=self.min_clients,
+                    num_rounds=self.num_rounds,
+                    final_evaluation=self._local_final_evaluation,
+                    persistor_id=persistor_id,
                 )
             return BratsFedAvg(
                 num_clients=self.min_clients,

@@ -3,7 +3,8 @@
 - :class:`LocalOnlyTraining` (job.py --local_only): every site trains alone. Each round the server sends each site
   its own model, the one that site sent back the round before, and aggregates nothing: a site's model never sees
   another site's update. The server keeps, per site, the model with the best validation Dice on that site's own
-  validation cases in ``local_models/<site>.pt`` (the site validates the model it receives, as in FedAvg).
+  validation cases in ``local_models/<site>.pt`` (the site validates the model it receives, as in FedAvg), and at
+  the end each site scores its own best model (the local-only job's final evaluation).
 - :class:`ModelsAtSites` (the final evaluation of local models, and the cross-site matrix): each named model is
   sent to the sites it names; each site scores it case by case on its own validation cases (client.py's
   final_evaluation) and the server keeps every score in ``models_at_sites.json`` as {model: {site: {case:
@@ -29,6 +30,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from brats_fl.evaluation import CASES_KEY
 from brats_fl.fl_components import write_atomically
+from brats_fl.job_results import FINAL_EVALUATION_FILE
 from brats_fl.settings import KEY_METRIC
 
 LOCAL_MODELS_DIR = "local_models"  # <server job folder>/local_models/<site>.pt: each site's best local model
@@ -52,17 +54,21 @@ def load_weights(path: Path) -> dict:
 
 
 class LocalOnlyTraining(ModelController):
-    def __init__(self, *args, num_clients: int, num_rounds: int, **kwargs):
+    def __init__(self, *args, num_clients: int, num_rounds: int, final_evaluation: bool = True, **kwargs):
         """Local-only training: num_rounds rounds in which each of num_clients sites gets its own model back.
 
         Args:
             num_clients: the sites (all of them train).
             num_rounds: rounds, as in FedAvg: each site validates the model it receives, then trains its local epochs.
+            final_evaluation: then, in the same job, each site scores its own best model case by case on its
+                validation cases, into final_evaluation.json as {site: {case id: scores}} (the final evaluation of
+                a federated job runs as a job of its own; here it saves a start of the simulator).
             args, kwargs: ModelController's (persistor_id: the initial model, the same for every site).
         """
         super().__init__(*args, **kwargs)
         self.num_clients = num_clients
         self.num_rounds = num_rounds
+        self.final_evaluation = final_evaluation
 
     def run(self) -> None:
         initial = self.load_model()
@@ -91,6 +97,22 @@ class LocalOnlyTraining(ModelController):
                 models[site] = updated.params
             write_atomically(run_dir / LOCAL_TRAINING_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
             self.info(f"Local-only round {round_num} done: " + ", ".join(f"{s} {record[s]['val_dice']}" for s in sites))
+        if self.final_evaluation:
+            self.evaluate_own_models(sites, run_dir)
+
+    def evaluate_own_models(self, sites: list[str], run_dir: Path) -> None:
+        """Each site scores its own best local model (the sites that have one) on its validation cases."""
+        scores = {}
+        for site in sites:
+            path = run_dir / LOCAL_MODELS_DIR / f"{site}.pt"
+            if not path.is_file():
+                continue
+            self.info(f"Final evaluation: {site} scores its own best model")
+            results = self.send_model_and_wait(
+                task_name="validate", data=FLModel(params=load_weights(path)), targets=[site]
+            )
+            scores[site] = next(((r.metrics or {}).get(CASES_KEY, {}) for r in results), {})
+        write_atomically(run_dir / FINAL_EVALUATION_FILE, lambda tmp: tmp.write_text(json.dumps(scores, indent=1)))
 
     def train_one_round(self, models: dict, round_num: int) -> dict[str, FLModel] | None:
         """Send every site its own model at once (they train in parallel); their results by site, None if aborted."""
