@@ -5,6 +5,7 @@
     python job.py --dataset_base_dir /data/brats18 --n_clients 4        # federated
     python job.py --dataset_base_dir /data/brats18 --n_clients 4 --enable_dp                         # + SVT
     python job.py --dataset_base_dir /data/brats18 --n_clients 4 --enable_dp --dp_mechanism dpsgd    # + DP-SGD
+    python job.py --n_clients 4 --local_only --demo heterogeneous       # each site alone (brats18_4_local)
     python job.py --resume /tmp/nvflare/simulation/brats18_4            # continue a stopped or crashed job
     python job.py --checkpoint <job>/server/simulate_job/app_server/best_FL_global_model.pt   # score a model
 
@@ -75,6 +76,8 @@ def training_recipe(run: RunOptions):
         start_round=start.round,
         best_value=start.best_value,
         rounds_without_improvement=start.rounds_without_improvement,
+        local_only=settings.local_only,  # --local_only: each site trains alone (brats_fl/site_models.py) ...
+        local_final_evaluation=run.final_eval,  # ... then scores its own best model, in the same job
     )
     if run.env.sends_to_named_sites:
         send_to_named_sites(recipe, run.n_clients)  # a deployment: site-1 ... site-N, not every site there is
@@ -119,6 +122,10 @@ def report_training(run: RunOptions, outcome) -> int:
     if early_stop is None and run.last_round < run.settings.num_rounds - 1:
         print(stop_line(run, "Stopped as --stop_after_round asked"), flush=True)
         return EXIT_OK
+    if run.settings.local_only:
+        from brats_fl.cross_site import report_local_only
+
+        return report_local_only(run)  # each site's best model, each scoring its own
     try:
         summary = job_summary(run, early_stop[1] + 1 if early_stop else run.settings.num_rounds)
     except (JobResultError, OSError, ValueError) as e:

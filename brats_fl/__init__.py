@@ -9,6 +9,8 @@
 - pipeline: the imaging pipeline (transforms, loss, sliding-window inference, training-time Dice)
 - metrics: the BraTS challenge's evaluation metrics
 - job_results: what a finished job left behind, read back and checked
+- site_models: server workflows with one model per site (local-only training, several models scored at the sites);
+  cross_site: the cross-site matrix (who gains from federating) and the local-only job's report
 - privacy: differential privacy (SVT accounting, DP-SGD, the privacy report); ``python -m brats_fl.privacy``
 
 Entry points (job.py, client.py) and tools (result_stat/, dataset_brats18/, benchmarks/) use this package; it uses

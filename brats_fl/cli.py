@@ -29,6 +29,7 @@ from brats_fl.settings import (
 
 ENVIRONMENTS = ("sim", "poc", "prod")
 TRACKERS = ("tensorboard", "mlflow", "both")  # --tracking: NVFlare's experiment-tracking receivers at the server
+DEMOS = ("uniform", "heterogeneous")
 RESUME = "resume"  # the flag may be given with --resume
 EVALUATE = "evaluate"  # ... with --checkpoint of a model inside a job folder (the job's settings and sites score it)
 EXISTING_JOB = (RESUME, EVALUATE)
@@ -73,11 +74,16 @@ FLAGS: tuple[Flag, ...] = (
     # federation
     Flag("n_clients", "federation", "number of sites; 1 = centralised baseline on site-All.json (default: 4)",
          {"type": int, "default": 4}),
+    Flag("local_only", "federation", "no federation: every site trains alone on its own cases for the same rounds, "
+         "and the server keeps each site's best model by its own validation Dice in <job>/server/simulate_job/"
+         "local_models/<site>.pt (job name brats18_<n_clients>_local); compare with python -m result_stat.cross_site "
+         "(docs/cross_site.md). Simulator only", ON),
     Flag("num_rounds", "federation", "FL rounds, >= 2: round 0's metric is never a best model", {"type": int},
          setting=True),
     Flag("aggregation_epochs", "federation", "local epochs per round", {"type": int}, setting=True),
     Flag("job_name", "federation", "job folder name (default: brats18_<n_clients>, with _dp appended for SVT and "
-         "_dpsgd for DP-SGD; with --checkpoint: <job or checkpoint>_evaluation)", existing_job=(EVALUATE,)),
+         "_dpsgd for DP-SGD, _local for --local_only; with --checkpoint: <job or checkpoint>_evaluation)",
+         existing_job=(EVALUATE,)),
     Flag("workspace", "federation", "workspace root; the job runs in <workspace>/<job_name> (default: "
          f"{DEFAULT_WORKSPACE}; with --checkpoint of a job's model: that job's workspace)",
          {"default": DEFAULT_WORKSPACE}, existing_job=(EVALUATE,)),
@@ -111,6 +117,10 @@ FLAGS: tuple[Flag, ...] = (
          existing_job=EXISTING_JOB),
     Flag("datalist_json_path", "data", "folder with site-1.json ... site-N.json and site-All.json (default with "
          f"--dataset_base_dir: the paper's split in {SHIPPED_DATALIST_DIR.relative_to(REPO_DIR)})"),
+    Flag("demo", "data", "which synthetic demo runs when no data is given: uniform (every site alike) or "
+         "heterogeneous (sites that differ as hospitals do: contrast, intensity, noise, tumour size and count, a large "
+         "site and a very small one, each with its own validation cases; docs/cross_site.md)",
+         {"choices": DEMOS, "default": "uniform"}),
     # deployment
     Flag("env", "deployment", "sim: NVFlare's simulator, every site on this machine; poc: a POC deployment NVFlare "
          "starts on this machine (server and sites as separate processes talking over the network, removed "
@@ -235,10 +245,11 @@ def settings_from_flags(args: argparse.Namespace, demo: bool, **derived: Any) ->
         values[f.name] = default(f.name, demo) if given is None else given
     values.update(
         centralised=args.n_clients == 1,
+        local_only=args.local_only,
         **secret_seed_setting(args.audit),
         amp=not args.no_amp,
         dp_mechanism=args.dp_mechanism if args.enable_dp else None,
-        validate_at="every_site" if args.validate_every_site else "one_site",
+        validate_at="every_site" if args.validate_every_site or args.local_only else "one_site",
         dataset_base_dir=None,  # filled in once the data is resolved
         datalist_json_path=None,
         **derived,

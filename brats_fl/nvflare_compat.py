@@ -208,6 +208,8 @@ def _resumable_fedavg_recipe():
             start_round: int = 0,
             best_value: float | None = None,
             rounds_without_improvement: int = 0,
+            local_only: bool = False,
+            local_final_evaluation: bool = True,
             **kwargs,
         ) -> None:
             """NVFlare's PyTorch FedAvg recipe, its controller a BratsFedAvg that runs ``num_rounds`` rounds numbered
@@ -216,8 +218,12 @@ def _resumable_fedavg_recipe():
             Args:
                 start_round: the first round to run.
                 best_value, rounds_without_improvement: the early-stopping state of the earlier rounds.
+                local_only: no FedAvg: each site trains alone (brats_fl/site_models.py, LocalOnlyTraining).
+                local_final_evaluation: with local_only, each site then scores its own best model, in the same job.
                 kwargs: FedAvgRecipe's arguments.
             """
+            self._local_only = local_only
+            self._local_final_evaluation = local_final_evaluation
             self._resume_state = {
                 "start_round": start_round,
                 "best_value": best_value,
@@ -226,7 +232,17 @@ def _resumable_fedavg_recipe():
             super().__init__(**kwargs)
 
         def _create_controller(self, persistor_id: str, model_params, model_aggregator):
-            """FedAvgRecipe's controller, built as NVFlare 2.9's recipe builds it, but a BratsFedAvg."""
+            """FedAvgRecipe's controller, built as NVFlare 2.9's recipe builds it, but a BratsFedAvg (or, local-only,
+            a LocalOnlyTraining on the same initial model)."""
+            if self._local_only:
+                from brats_fl.site_models import LocalOnlyTraining
+
+                return LocalOnlyTraining(
+                    num_clients=self.min_clients,
+                    num_rounds=self.num_rounds,
+                    final_evaluation=self._local_final_evaluation,
+                    persistor_id=persistor_id,
+                )
             return BratsFedAvg(
                 num_clients=self.min_clients,
                 num_rounds=self.num_rounds,

@@ -138,3 +138,25 @@ def build_evaluation_recipe(
     recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["validate"])
     recipe.add_server_input_filter(FinalEvaluationCollector(), tasks=["validate"])
     return recipe
+
+
+def build_models_at_sites_recipe(settings: TrainingSettings, name: str, n_clients: int, models: dict):
+    """Each named model is sent to the sites it names; each scores it on its own validation cases
+    (brats_fl/site_models.py, ModelsAtSites). models: {name: {"checkpoint": path on the server, "sites": [...]}}."""
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.job_config.base_fed_job import BaseFedJob
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+    from nvflare.recipe.spec import Recipe
+
+    from brats_fl.fl_components import SiteFailureWatcher
+    from brats_fl.site_models import ModelsAtSites
+
+    job = BaseFedJob(name=name, min_clients=n_clients)
+    job.to_server(ModelsAtSites(models=models, persistor_id=""))
+    job.to_clients(
+        ScriptRunner(script="client.py", framework=FrameworkType.PYTORCH, server_expected_format=ExchangeFormat.PYTORCH)
+    )
+    recipe = Recipe(job)
+    ship_app_files(recipe, settings)
+    recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["validate"])
+    return recipe

@@ -65,6 +65,8 @@ def stop_line(run: RunOptions, head: str) -> str:
         from brats_fl.privacy.audit import NOT_RESUMABLE
 
         return f"{head} after round {last}; {NOT_RESUMABLE}"
+    if run.settings.local_only:
+        return f"{head}: a local-only job cannot be resumed; run it again with --overwrite"
     return (
         f"{head} after round {last} of rounds 0-{run.settings.num_rounds - 1}; last global model: "
         f"{run.job.last_global_model}; resume with: {resume_command(run.job.job_dir, run.given)}"

@@ -131,6 +131,10 @@ def new_job(args: argparse.Namespace, given: dict[str, Any], env: Environment) -
     if n < 1:
         raise InputError(f"--n_clients {n}: need at least 1 client")
     threads = check_hardware_flags(args, n)
+    if args.local_only and (env.name != "sim" or args.checkpoint):
+        raise InputError("--local_only: runs in the simulator (--env sim) and trains; score models with --checkpoint")
+    if args.demo != "uniform" and (args.dataset_base_dir or args.datalist_json_path or env.sites_read_own_data):
+        raise InputError(f"--demo {args.demo}: the synthetic demo's data; leave --dataset_base_dir out")
     if env.sites_read_own_data and (args.dataset_base_dir or args.datalist_json_path):
         where = "--env prod" if env.name == "prod" else "--env poc with BRATS_DATA_CONFIG set"
         raise InputError(
@@ -174,7 +178,7 @@ def new_job_name(args: argparse.Namespace) -> str:
     elif args.checkpoint:
         name = f"{Path(args.checkpoint).stem}_evaluation"
     else:
-        name = default_job_name(args.n_clients, args.dp_mechanism if args.enable_dp else None)
+        name = default_job_name(args.n_clients, args.dp_mechanism if args.enable_dp else None, args.local_only)
     if name in ("", ".", "..") or "/" in name:
         raise InputError(f"--job_name {name!r}: need a plain folder name")
     return name
@@ -196,6 +200,13 @@ def resolve_data(args: argparse.Namespace, demo: bool, n_clients: int) -> tuple[
     """Dataset and datalist folders; makes the synthetic demo dataset when none is given."""
     from dataset_brats18.datalist import DatalistError, check_job_datalists, site_datalist_names
 
+    if demo and args.demo == "heterogeneous":
+        from dataset_brats18.heterogeneous import heterogeneous_demo
+
+        try:
+            return heterogeneous_demo(Path(args.workspace), n_clients)
+        except ValueError as e:
+            raise InputError(f"--demo heterogeneous: {e}") from None
     if demo:
         from brats_fl.settings import DEMO_SHAPE, DEMO_TRAIN_CASES, DEMO_VALIDATION_CASES
         from dataset_brats18.synthetic import generate_dataset, write_federated_datalists
@@ -327,6 +338,8 @@ def resumed_job(job_dir: Path, args: argparse.Namespace, given: dict, env: Envir
     settings, n, threads, env = existing_job(job, args, given, RESUME, what, env)
     if settings.audit:
         raise InputError(f"{what}: {NOT_RESUMABLE}")
+    if settings.local_only:
+        raise InputError(f"{what}: a local-only job cannot be resumed; run it again with --overwrite")
     start = start_point(job, what)
     finished = job_end(job)
     if finished or start.round >= settings.num_rounds:

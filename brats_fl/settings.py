@@ -28,9 +28,10 @@ SITE_FAILURE_META = "brats_site_failure"  # a failing site's last result carries
 SITE_FAILURE_MARK = "BRATS SITE FAILURE:"  # ... and the server logs it after this mark, for job.py to read back
 
 
-def default_job_name(n_clients: int, dp_mechanism: str | None) -> str:
-    """job.py's job folder name: brats18_<n_clients>, with _dp for SVT and _dpsgd for DP-SGD."""
-    return f"brats18_{n_clients}" + {None: "", "svt": "_dp", "dpsgd": "_dpsgd"}[dp_mechanism]
+def default_job_name(n_clients: int, dp_mechanism: str | None, local_only: bool = False) -> str:
+    """job.py's job folder name: brats18_<n_clients>, with _dp for SVT, _dpsgd for DP-SGD, _local for local-only."""
+    suffix = {None: "", "svt": "_dp", "dpsgd": "_dpsgd"}[dp_mechanism] + ("_local" if local_only else "")
+    return f"brats18_{n_clients}{suffix}"
 
 
 # The paper's runs (centralised, federated, federated + SVT) and this project's DP-SGD run, as job.py names them.
@@ -66,6 +67,7 @@ class TrainingSettings:
     num_rounds: int = 600
     aggregation_epochs: int = 1
     centralised: bool = False  # one site training on site-All.json (job.py: --n_clients 1)
+    local_only: bool = False  # every site trains alone, nothing aggregated (job.py: --local_only)
     stop_dice: float | None = None  # stop once the global val_dice reaches this (None: never)
     patience: int | None = None  # stop after this many rounds without a better val_dice (None: never)
     # training
@@ -124,6 +126,8 @@ class TrainingSettings:
             yield f"--stop_dice {self.stop_dice}: need a Dice in (0, 1]"
         if self.patience is not None and self.patience < 1:
             yield f"--patience {self.patience}: need >= 1 round"
+        if self.local_only:
+            yield from self._local_only_problems()
         if self.aggregation_epochs < 1:
             yield f"--aggregation_epochs {self.aggregation_epochs}: need >= 1"
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -157,6 +161,15 @@ class TrainingSettings:
                 f"--audit_canaries {self.audit_canaries}: need >= {MIN_CANARIES} canaries per site (a few hundred "
                 "for a useful audit)"
             )
+
+    def _local_only_problems(self):
+        """Local-only training compares sites that train alone with FedAvg: plain training, every round."""
+        if self.centralised:
+            yield "--local_only needs --n_clients >= 2 (one site training alone is the centralised baseline)"
+        if self.dp_mechanism or self.audit:
+            yield "--local_only: leave --enable_dp and --audit out (nothing leaves a site that trains alone)"
+        if self.stop_dice is not None or self.patience is not None:
+            yield "--local_only: leave --stop_dice and --patience out (every site trains every round)"
 
     # The rules every part of the project applies to these settings, written once
     def uses_amp(self, device_type: str) -> bool:

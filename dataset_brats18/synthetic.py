@@ -34,6 +34,33 @@ NOISE_SD = 35.0
 
 
 @dataclass(frozen=True)
+class ScannerStyle:
+    """How one hospital's cases differ from the reference (the defaults reproduce the uniform demo voxel for voxel).
+
+    contrast: per modality (t1, t1ce, t2, flair), how far each tissue's mean lies from normal brain, relative to the
+    reference (1: the same; 0.5: half the tissue contrast, e.g. less contrast agent on T1ce). gain: overall intensity
+    scale of the scanner. noise_sd: noise in scanner units (after gain). tumour_scale: the tumour's radii relative to
+    the reference. n_tumours: separate lesions per case."""
+
+    contrast: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    gain: float = 1.0
+    noise_sd: float = NOISE_SD
+    tumour_scale: float = 1.0
+    n_tumours: int = 1
+
+    def tissue_means(self, modality: str) -> np.ndarray:
+        means = np.asarray(TISSUE_MEANS[modality], dtype=np.float32)
+        contrast = self.contrast[MODALITY_FILE_SUFFIXES.index(modality)]
+        if contrast != 1.0:
+            brain = means[1]
+            means[1:] = brain + contrast * (means[1:] - brain)
+        return means
+
+
+REFERENCE_STYLE = ScannerStyle()
+
+
+@dataclass(frozen=True)
 class SyntheticCase:
     case_id: str
     grade: str  # "HGG" or "LGG"
@@ -63,18 +90,26 @@ def _ellipsoid_distance(shape: tuple[int, int, int], centre: np.ndarray, radii: 
 
 
 def make_case_arrays(
-    shape: tuple[int, int, int], rng: np.random.Generator, with_enhancing: bool
+    shape: tuple[int, int, int], rng: np.random.Generator, with_enhancing: bool, style: ScannerStyle = REFERENCE_STYLE
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Return ({modality: int16 image}, uint8 label in {0,1,2,4}) for one synthetic case."""
+    """Return ({modality: int16 image}, uint8 label in {0,1,2,4}) for one synthetic case of a scanner's style."""
     dims = np.asarray(shape, dtype=np.float32)
     brain_dist = _ellipsoid_distance(shape, dims / 2.0, dims * rng.uniform(0.40, 0.46, size=3))
     brain = brain_dist < 1.0
 
     # Irregular tumour: an ellipsoid whose distance is warped by a smooth field.
     centre = dims / 2.0 + rng.uniform(-0.15, 0.15, size=3) * dims
-    wt_radii = dims * rng.uniform(0.18, 0.27, size=3)
+    wt_radii = dims * rng.uniform(0.18, 0.27, size=3) * style.tumour_scale
     warp = 1.0 + 0.18 * _smooth_field(rng, shape)
     dist = _ellipsoid_distance(shape, centre, wt_radii) * warp
+    for _ in range(style.n_tumours - 1):  # further lesions (the reference draws none: its voxels stay the same)
+        other_radii = dims * rng.uniform(0.18, 0.27, size=3) * style.tumour_scale
+        direction = rng.normal(size=3)
+        if np.dot(direction, centre - dims / 2.0) > 0:  # towards the other side of the brain, where there is room
+            direction = -direction
+        step = 1.1 * (wt_radii.max() + other_radii.max()) / np.linalg.norm(direction)
+        other_centre = np.clip(centre + direction * step, 0.2 * dims, 0.8 * dims)
+        dist = np.minimum(dist, _ellipsoid_distance(shape, other_centre, other_radii) * warp)
     core_ratio = rng.uniform(0.50, 0.65)
     necrosis_ratio = rng.uniform(0.45, 0.65) * core_ratio
 
@@ -95,10 +130,10 @@ def make_case_arrays(
 
     images = {}
     for modality in MODALITY_FILE_SUFFIXES:
-        means = np.asarray(TISSUE_MEANS[modality], dtype=np.float32)
-        scale = rng.uniform(0.8, 1.2)  # scanner gain differs per case and modality
+        means = style.tissue_means(modality)
+        scale = rng.uniform(0.8, 1.2) * style.gain  # scanner gain differs per case and modality
         bias = 1.0 + 0.10 * _smooth_field(rng, shape, coarse=3)
-        img = means[tissue] * bias * scale + rng.normal(0.0, NOISE_SD, size=shape).astype(np.float32)
+        img = means[tissue] * bias * scale + rng.normal(0.0, style.noise_sd, size=shape).astype(np.float32)
         img[~brain] = 0.0
         images[modality] = np.clip(np.rint(img), 0, np.iinfo(np.int16).max).astype(np.int16)
     return images, label
@@ -125,11 +160,19 @@ def planned_case(out_dir: Path, index: int) -> SyntheticCase:
     return SyntheticCase(case_id, grade_for(index), out_dir / "training" / grade_for(index) / case_id)
 
 
-def write_case(out_dir: Path, index: int, shape: tuple[int, int, int], seed: int) -> SyntheticCase:
-    """Generate and write one case; the same (index, shape, seed) always gives the same voxels."""
+def write_case(
+    out_dir: Path,
+    index: int,
+    shape: tuple[int, int, int],
+    seed: int,
+    style: ScannerStyle = REFERENCE_STYLE,
+    case: SyntheticCase | None = None,
+) -> SyntheticCase:
+    """Generate and write one case; the same (index, shape, seed, style) always gives the same voxels. case: where it
+    goes and its id (default: the uniform demo's case of that index)."""
     rng = np.random.default_rng([seed, index])
-    case = planned_case(out_dir, index)
-    images, label = make_case_arrays(shape, rng, with_enhancing=case.grade == "HGG")
+    case = case or planned_case(out_dir, index)
+    images, label = make_case_arrays(shape, rng, with_enhancing=case.grade == "HGG", style=style)
     case_id, folder = case.case_id, case.folder
     folder.mkdir(parents=True, exist_ok=True)
     affine = lps_affine(shape)
