@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from brats_fl.privacy import dpsgd, svt
 from brats_fl.privacy import report as privacy_report
 from brats_fl.reporting import job_summary
 from brats_fl.run_options import run_from_argv
-from result_stat.tb_events import read_scalars, read_site_scalars
+from result_stat.tb_events import read_job_scalars, read_scalars, read_site_scalars
 
 pytestmark = pytest.mark.e2e
 SITES = ("site-1", "site-2")
@@ -71,9 +72,42 @@ def run_svt_recorded(argv: list[str], record_dir: Path, monkeypatch):
     return run
 
 
+def assert_mlflow_store_holds_the_validation_curves(summary) -> None:
+    """--tracking both under DP: MLflow's own client reads back one run per site holding val_dice of every round (as
+    the server logged it), the validation Dice and the privacy figure only, the same curves as TensorBoard; the
+    summary names the store; result_stat reads it as it reads TensorBoard's events."""
+    from mlflow.tracking import MlflowClient
+
+    paths = summary.paths
+    uri = f"sqlite:///{paths.mlflow_db}"
+    assert paths.mlflow_db.is_file() and f"mlflow ui --backend-store-uri {uri}" in summary.render()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(paths.job_name)
+    runs = {re.match(r"site-\d+", r.info.run_name)[0]: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == list(SITES)
+    history = client.get_metric_history(runs["site-1"].info.run_id, "val_dice")
+    logged = {r.round: r.sites["site-1"]["val_dice"] for r in read_round_metrics(paths.round_metrics)}
+    assert sorted(m.step for m in history) == [0, 1]  # every round
+    for m in history:
+        assert m.value == pytest.approx(logged[m.step], abs=1e-6)
+    for site, run in runs.items():  # under DP: nothing from training
+        assert set(run.data.metrics) <= VALIDATION_METRICS | {privacy_report.TB_TAG}, (site, run.data.metrics)
+        assert privacy_report.TB_TAG in run.data.metrics
+    assert set(runs["site-2"].data.metrics) == {privacy_report.TB_TAG}  # site-1 validates for all
+    tensorboard = read_site_scalars(paths.tb_events)
+    mlflow = read_job_scalars(paths, uri)
+    assert sorted(mlflow) == sorted(tensorboard) == list(SITES)
+    for site in tensorboard:
+        assert set(mlflow[site]) == set(tensorboard[site])
+        for tag, series in tensorboard[site].items():
+            assert [s for s, _ in mlflow[site][tag]] == [s for s, _ in series]
+            assert [v for _, v in mlflow[site][tag]] == pytest.approx([v for _, v in series], rel=1e-6)
+
+
 def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federation, tmp_path, monkeypatch):
     data_dir, datalist_dir = tiny_federation
-    argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--enable_dp")
+    tracking = ("--tracking", "both")  # the MLflow store is checked on this job too
+    argv = tiny_args(data_dir, datalist_dir, tmp_path / "ws", "--n_clients", "2", "--enable_dp", *tracking)
     run = run_svt_recorded(argv, tmp_path / "rec", monkeypatch)
     summary = assert_complete_job(run, 2, training_tags=set())  # under DP the training statistics stay at the sites
     report = privacy_report.load_report(summary.paths.privacy_report)
@@ -119,6 +153,7 @@ def test_svt_report_holds_nvflares_figures_for_every_site_and_round(tiny_federat
     assert set(tb["site-2"]) == {privacy_report.TB_TAG}  # site-1 validates for all
     lines = job_summary(run, 2).extra_lines
     assert "privacy (SVT; pure DP, delta 0" in lines[0] and f"{report['max_epsilon']:.4g}" in lines[0]
+    assert_mlflow_store_holds_the_validation_curves(job_summary(run, 2))
 
 
 def test_dpsgd_job_spends_its_target_and_keeps_training_statistics_at_the_sites(
