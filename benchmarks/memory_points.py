@@ -1,0 +1,217 @@
+"""Peak memory of one site's work, measured point by point: what brats_fl/memory.py's model is fitted on.
+
+Each point runs in a fresh Python process, so that one point's allocations cannot raise the next one's peak:
+
+- train: one training step of BratsSegResNet (batch 1, Adam, fp32, soft Dice loss) on one crop;
+- val: the sliding-window validation of one whole volume (brats_fl.pipeline.predict_regions, window = the roi).
+
+The figure recorded is the child's peak resident set size, read by the parent from os.wait4's rusage (ru_maxrss,
+KiB on Linux). Nothing is subtracted: it includes the Python interpreter, torch and MONAI as imported, the model
+and (train) Adam's state, the input tensors and every activation and gradient at its high point. The RSS a child
+has right after its imports is recorded as well (``rss_after_imports_mb``), so that the part the work adds can be
+read off. Seconds are wall time under whatever load the machine had (printed with ``uptime``); RSS is not affected
+by load. CPU only: mixed precision (AMP) and ``torch.cuda.max_memory_allocated`` need a GPU (benchmarks/gpu_check.py).
+
+    python -m benchmarks.memory_points                        # the 13 points below -> figs/memory_points_cpu.csv
+    python -m benchmarks.memory_points --smoke --out /tmp/m.csv   # 2 tiny points, to check the benchmark works
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from brats_fl.settings import EXIT_BAD_INPUT, REPO_DIR
+
+OUT = REPO_DIR / "figs" / "memory_points_cpu.csv"
+BRATS_VOLUME = (240, 240, 155)
+PAPER_WINDOW = (240, 240, 160)  # job.py's default --infer_roi_size: one window per BraTS volume
+THREADS = 2
+COLUMNS = [
+    "kind",
+    "init_filters",
+    "size",
+    "window",
+    "voxels",
+    "window_voxels",
+    "peak_rss_mb",
+    "rss_after_imports_mb",
+    "seconds",
+    "threads",
+]
+
+
+@dataclass(frozen=True)
+class Point:
+    kind: str  # "train" (size = crop) or "val" (size = whole volume, window = the sliding window)
+    init_filters: int
+    size: tuple[int, int, int]
+    window: tuple[int, int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        window = f" window {'x'.join(map(str, self.window))}" if self.window else ""
+        return f"{self.kind} SegResNet-{self.init_filters} {'x'.join(map(str, self.size))}{window}"
+
+
+# Training crops from the demo's 32^3 to the paper's 224x224x144 at both widths the project uses; validation of the
+# demo's 64x64x48 volumes and of whole BraTS volumes (one window, as the paper; and a smaller window that slides).
+POINTS = [
+    Point("train", 8, (32, 32, 32)),
+    Point("train", 8, (64, 64, 48)),
+    Point("train", 8, (96, 96, 64)),
+    Point("train", 8, (128, 128, 96)),
+    Point("train", 16, (64, 64, 48)),
+    Point("train", 16, (96, 96, 64)),
+    Point("train", 16, (128, 128, 96)),
+    Point("train", 16, (224, 224, 144)),  # the paper's: ~50 s and ~9 GB on 2 CPU threads
+    Point("val", 8, (64, 64, 48), (64, 64, 48)),
+    Point("val", 16, (64, 64, 48), (64, 64, 48)),
+    Point("val", 8, BRATS_VOLUME, PAPER_WINDOW),
+    Point("val", 16, BRATS_VOLUME, (128, 128, 96)),
+    Point("val", 16, BRATS_VOLUME, PAPER_WINDOW),  # the paper's
+]
+SMOKE_POINTS = [Point("train", 8, (16, 16, 16)), Point("val", 8, (24, 24, 16), (16, 16, 16))]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory_points",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default=str(OUT), help=f"the CSV to write (default: {OUT.relative_to(REPO_DIR)})")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--smoke", action="store_true", help="2 tiny points, only to check that the benchmark works")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one point as JSON: run it in this process
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One point, in the child process
+# ---------------------------------------------------------------------------------------------------------------
+def rss_now_mb() -> float:
+    """This process's resident set size now (Linux /proc; 0 where it is not there)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_point(point: Point) -> dict:
+    """Do the point's work once; returns seconds and the RSS after the imports."""
+    import torch
+
+    from brats_fl.pipeline import make_loss, predict_regions
+    from model import BratsSegResNet
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    after_imports = rss_now_mb()
+    model = BratsSegResNet(init_filters=point.init_filters, init_seed=0)
+    image = torch.randn(1, 4, *point.size)
+    started = time.perf_counter()
+    if point.kind == "train":
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        label = (torch.rand(1, 3, *point.size) > 0.9).float()
+        loss = make_loss()(model(image), label)
+        loss.backward()
+        optimizer.step()
+    else:
+        model.eval()
+        predict_regions(model, image, point.window)
+    return {"seconds": time.perf_counter() - started, "rss_after_imports_mb": after_imports}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: one fresh process per point
+# ---------------------------------------------------------------------------------------------------------------
+def measure(point: Point) -> dict:
+    """Run the point in a fresh process; its figures and its peak RSS (os.wait4's ru_maxrss of that child)."""
+    spec = json.dumps(
+        {"kind": point.kind, "init_filters": point.init_filters, "size": point.size, "window": point.window}
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.memory_points", "--child", spec],
+        cwd=REPO_DIR,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"error: {point.label} failed (exit {child.returncode})")
+    figures = json.loads(out.strip().splitlines()[-1])
+    voxels = point.size[0] * point.size[1] * point.size[2]
+    window = point.window or point.size
+    return {
+        "kind": point.kind,
+        "init_filters": point.init_filters,
+        "size": "x".join(map(str, point.size)),
+        "window": "x".join(map(str, point.window)) if point.window else "",
+        "voxels": voxels,
+        "window_voxels": window[0] * window[1] * window[2],
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
+        "rss_after_imports_mb": round(figures["rss_after_imports_mb"], 1),
+        "seconds": round(figures["seconds"], 2),
+        "threads": THREADS,
+    }
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Written whole to a temporary file, then renamed: a stopped run leaves no half table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        point = Point(spec["kind"], spec["init_filters"], tuple(spec["size"]), spec["window"] and tuple(spec["window"]))
+        print(json.dumps(run_point(point)), flush=True)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: --out {out} exists: give --overwrite to replace it, or another --out", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    points = SMOKE_POINTS if args.smoke else POINTS
+    print(f"Peak RSS of {len(points)} points, each in a fresh process, {THREADS} torch threads, fp32 (CPU)")
+    print(f"load average before: {load_average()} (seconds are under this load; RSS is not affected by it)")
+    print(f"{'point':<52} {'peak RSS MB':>11} {'after imports MB':>16} {'seconds':>8}", flush=True)
+    rows = []
+    for point in points:
+        row = measure(point)
+        rows.append(row)
+        print(
+            f"{point.label:<52} {row['peak_rss_mb']:>11.1f} {row['rss_after_imports_mb']:>16.1f} "
+            f"{row['seconds']:>8.2f}",
+            flush=True,
+        )
+    write_csv(rows, out)
+    print(f"load average after: {load_average()}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
