@@ -41,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    from brats_fl.memory import memory_preflight
     from brats_fl.reporting import print_opening_lines
 
+    problem = memory_preflight(run)  # prints each site's memory estimate against what the machine has
+    if problem:  # the sites that run at once would not fit: stop before anything runs
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print_opening_lines(run)
     if run.checkpoint is not None:
         return evaluate_checkpoint(run)

@@ -17,6 +17,7 @@ channels: input, label and loss (train), and the whole-volume image and output s
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ VAL_FIT = (0.0, 0.0, 0.0)  # base MB, MB per filter-window-voxel, MB per padded 
 # save 40% of them (weights, gradients and Adam's state stay fp32). benchmarks/gpu_check.py measures the paper point.
 CUDA_CONTEXT_MB = 600.0
 AMP_ACTIVATION_FACTOR = 0.6
+HOST_SITE_ON_GPU_MB = 3000.0  # host RSS of a site process that trains on a GPU (CUDA libraries, data): assumed
+# job.py, the simulator's server and client-runner processes together, measured by benchmarks/soak.py (the demo)
+JOB_OVERHEAD_MB = 1500.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,9 +73,10 @@ class SiteWork:
     infer_roi_size: tuple[int, int, int]
     volume: tuple[int, int, int]  # a whole validation volume
     amp: bool = False  # mixed precision (on a GPU only)
+    trains: bool = True  # False: the site only validates (job.py --checkpoint)
 
     @classmethod
-    def of(cls, settings: TrainingSettings, on_gpu: bool) -> SiteWork:
+    def of(cls, settings: TrainingSettings, on_gpu: bool, trains: bool = True) -> SiteWork:
         demo = settings.dataset_base_dir is not None and settings.dataset_base_dir.rstrip("/").endswith(
             DEMO_DATA_FOLDER
         )
@@ -81,10 +86,12 @@ class SiteWork:
             settings.infer_roi_size,
             DEMO_SHAPE if demo else BRATS_VOLUME,
             amp=on_gpu and settings.uses_amp("cuda"),
+            trains=trains,
         )
 
     def train_mb(self) -> float:
-        return linear(TRAIN_FIT, train_features(self.init_filters, self.roi_size))
+        """Peak RSS of one training step on the CPU (0 when the site only validates)."""
+        return linear(TRAIN_FIT, train_features(self.init_filters, self.roi_size)) if self.trains else 0.0
 
     def val_mb(self) -> float:
         return linear(VAL_FIT, val_features(self.init_filters, self.infer_roi_size, self.volume))
@@ -95,7 +102,7 @@ class SiteWork:
 
     def gpu_mb(self) -> float:
         """Peak memory on the site's GPU (not measured: see CUDA_CONTEXT_MB and AMP_ACTIVATION_FACTOR)."""
-        work = max(self.train_mb() - TRAIN_FIT[0], self.val_mb() - VAL_FIT[0])
+        work = max(self.train_mb() - TRAIN_FIT[0] if self.trains else 0.0, self.val_mb() - VAL_FIT[0])
         return CUDA_CONTEXT_MB + work * (AMP_ACTIVATION_FACTOR if self.amp else 1.0)
 
 
@@ -188,7 +195,6 @@ def gpu_free_mb(gpu_ids: Sequence[int]) -> dict[int, float]:
     """Free memory of each GPU now, by torch.cuda.mem_get_info; {} where torch sees no CUDA device."""
     import json
     import subprocess
-    import sys
 
     if not gpu_ids:
         return {}
@@ -219,10 +225,17 @@ class MemoryCheck:
     problem: str | None  # one line when the sites that run at once do not fit
 
 
+SMALLER_CROP = (128, 128, 96)
+
+
+def host_site_mb(work: SiteWork, on_gpu: bool) -> float:
+    return HOST_SITE_ON_GPU_MB if on_gpu else work.host_mb()
+
+
 def check_memory(work: SiteWork, at_once: AtOnce, machine: Machine, on_gpu: bool) -> MemoryCheck:
     """The estimate against what the machine has. Every running site is counted at its peak (validation and
     training at once at every site: the worst case), plus JOB_OVERHEAD_MB for the server and the simulator."""
-    host_site = HOST_SITE_ON_GPU_MB if on_gpu else work.host_mb()
+    host_site = host_site_mb(work, on_gpu)
     host_need = JOB_OVERHEAD_MB + at_once.host * host_site
     precision = "mixed precision" if work.amp else "fp32"
     where = f"on its GPU ({precision}; not measured, computed)" if on_gpu else "on the CPU (fp32)"
@@ -249,19 +262,57 @@ def check_memory(work: SiteWork, at_once: AtOnce, machine: Machine, on_gpu: bool
             problems.append(f"GPU {g}: {n} site(s) at once need about {gb(need)}, {gb(machine.gpu_free_mb[g])} free")
     if not problems:
         return MemoryCheck(lines, None)
-    return MemoryCheck(lines, f"memory: {'; '.join(problems)}. {ways_out(work, at_once, machine, on_gpu)}")
+    return MemoryCheck(lines, f"memory: {'; '.join(problems)}. {ways_out(work, machine, on_gpu)}")
 
 
-def ways_out(work: SiteWork, at_once: AtOnce, machine: Machine, on_gpu: bool) -> str:
+def sites_that_fit(work: SiteWork, machine: Machine, on_gpu: bool) -> int:
+    """How many sites at once the host memory (and every GPU checked) has room for."""
+    counts = [int((machine.host_available_mb - JOB_OVERHEAD_MB) // host_site_mb(work, on_gpu))]
+    if on_gpu:
+        counts += [int(free // work.gpu_mb()) for free in machine.gpu_free_mb.values()]
+    return max(0, min(counts))
+
+
+def ways_out(work: SiteWork, machine: Machine, on_gpu: bool) -> str:
     """The ways out, with the figures that say how far each goes."""
-    per_site = work.gpu_mb() if on_gpu else work.host_mb()
-    room = min([machine.host_available_mb - JOB_OVERHEAD_MB, *machine.gpu_free_mb.values()])
-    fitting = int(room // per_site) if per_site > 0 else 0
-    fewer = f"--threads {fitting} (sites at once)" if fitting >= 1 else "--threads 1 (one site at a time)"
-    smaller = SiteWork(work.init_filters, (128, 128, 96), work.infer_roi_size, work.volume, work.amp)
+    fitting = sites_that_fit(work, machine, on_gpu)
+    fewer = f"--threads {fitting}" if fitting >= 1 else "--threads 1 (even one site may not fit)"
+    crop = SiteWork(work.init_filters, SMALLER_CROP, work.infer_roi_size, work.volume, work.amp, work.trains)
     return (
-        f"Ways out: run fewer sites at once with {fewer}; spread the sites over several GPUs (--gpu 0,1: one site "
-        f"per GPU at a time); a smaller crop (--roi_size 128 128 96: about {gb(smaller.train_mb())} per site on the "
-        f"CPU) or a smaller --infer_roi_size; mixed precision on a GPU (leave --no_amp out); or start anyway with "
-        "--skip_memory_check"
+        f"Ways out: fewer sites at once ({fewer}); the sites spread over several GPUs (--gpu 0,1: one site per GPU "
+        f"at a time); a smaller crop (--roi_size {' '.join(map(str, SMALLER_CROP))}: about {gb(crop.host_mb())} per "
+        f"site on the CPU) or --infer_roi_size; mixed precision on a GPU (no --no_amp); or --skip_memory_check"
     )
+
+
+def memory_preflight(run) -> str | None:
+    """job.py, before anything runs: prints each site's estimate against what this machine has; returns the one-line
+    problem when the sites that run at once do not fit (None when they fit, with --skip_memory_check, or in a
+    deployment, whose sites are other machines)."""
+    settings, trains = run.settings, run.checkpoint is None
+    gpu_ids = parse_gpu_ids(run.gpu)
+    if run.env.name == "prod":
+        cpu, gpu = SiteWork.of(settings, False, trains), SiteWork.of(settings, True, trains)
+        print(
+            f"Memory estimate (brats_fl/memory.py): each site needs about {gb(cpu.host_mb())} on a CPU (fp32), or "
+            f"{gb(gpu.gpu_mb())} on a GPU (computed); the sites are other machines: not checked here",
+            flush=True,
+        )
+        return None
+    if not gpu_ids and cuda_visible():
+        gpu_ids = [0]  # without --gpu every site trains on the first CUDA device
+    machine = machine_now(gpu_ids)
+    on_gpu = bool(machine.gpu_free_mb)
+    at_once = sites_at_once(run.sites, run.threads, gpu_ids if on_gpu else [], run.env.name)
+    check = check_memory(SiteWork.of(settings, on_gpu, trains), at_once, machine, on_gpu)
+    print("\n".join(check.lines), flush=True)
+    if check.problem and run.given.get("skip_memory_check"):
+        print(f"warning: {check.problem} (starting anyway: --skip_memory_check)", file=sys.stderr, flush=True)
+        return None
+    return check.problem
+
+
+def cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
