@@ -40,6 +40,22 @@ HOST_SITE_ON_GPU_MB = 3000.0  # host RSS of a site process that trains on a GPU 
 JOB_OVERHEAD_MB = 1500.0
 
 
+# Memory over hundreds of rounds (benchmarks/soak.py, docs/performance.md#memory). Without them every site process and
+# the simulator's server grew by 1.2-1.5 MB per round over 46 demo rounds (about 0.8 GB over the paper's 600): freed
+# memory that glibc keeps in its per-thread arenas instead of returning it. NVFlare 2.9 runs gc.collect() and
+# malloc_trim() (and torch.cuda.empty_cache() on a GPU) after every round at the server and the sites when its FedAvg
+# recipe is given these; MALLOC_ARENA_MAX caps the arenas glibc keeps in every process job.py starts.
+RECIPE_MEMORY_CLEANUP = {"server_memory_gc_rounds": 1, "client_memory_gc_rounds": 1, "cuda_empty_cache": True}
+MALLOC_ARENA_MAX = "2"
+
+
+def limit_malloc_arenas() -> None:
+    """Set MALLOC_ARENA_MAX for the processes started from now on (a value the user set is kept)."""
+    import os
+
+    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,3 +332,57 @@ def cuda_visible() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m brats_fl.memory: the fit's errors and the table of docs/performance.md
+# ---------------------------------------------------------------------------------------------------------------
+TABLE_SETTINGS = {
+    "demo: SegResNet-8, 32^3 crops, demo volumes": SiteWork(8, (32, 32, 32), (64, 64, 48), DEMO_SHAPE),
+    "CPU benchmark: SegResNet-8, 48x48x32 crops": SiteWork(8, (48, 48, 32), (240, 240, 160), BRATS_VOLUME),
+    "SegResNet-16, 128x128x96 crops": SiteWork(16, (128, 128, 96), (240, 240, 160), BRATS_VOLUME),
+    "paper: SegResNet-16, 224x224x144 crops": SiteWork(16, (224, 224, 144), (240, 240, 160), BRATS_VOLUME),
+}
+CARDS_GB = (24, 48, 80, 141)
+
+
+def fit_report(rows: list[dict]) -> list[str]:
+    """Each measured point against the model, and the largest relative error."""
+    lines = [f"{'kind':<5} {'width':>5} {'size':>13} {'window':>13} {'measured MB':>11} {'model MB':>9} {'error':>7}"]
+    worst = 0.0
+    for r in rows:
+        measured, model = float(r["peak_rss_mb"]), predicted_mb(r)
+        worst = max(worst, abs(model - measured) / measured)
+        lines.append(
+            f"{r['kind']:<5} {r['init_filters']:>5} {r['size']:>13} {r['window'] or '-':>13} {measured:>11.1f} "
+            f"{model:>9.1f} {(model - measured) / measured:>+7.1%}"
+        )
+    lines.append(f"largest relative error: {worst:.1%}")
+    return lines
+
+
+def card_table() -> list[str]:
+    """Memory per site (CPU measured-model fp32; GPU computed fp32/AMP) and sites per card (computed)."""
+    head = " | ".join(f"per {c} GB card" for c in CARDS_GB)
+    lines = [f"| settings | precision | memory per site | {head} |", "| --- | --- | --- |" + " --- |" * len(CARDS_GB)]
+    for name, work in TABLE_SETTINGS.items():
+        lines.append(f"| {name} | CPU fp32 (model of measured) | {gb(work.host_mb())} |" + " |" * len(CARDS_GB))
+        for amp in (False, True):
+            on_gpu = SiteWork(work.init_filters, work.roi_size, work.infer_roi_size, work.volume, amp)
+            need = on_gpu.gpu_mb()
+            per_card = " | ".join(str(int(c * 1024 // need)) for c in CARDS_GB)
+            lines.append(f"| {name} | GPU {'AMP' if amp else 'fp32'} (computed) | {gb(need)} | {per_card} |")
+    return lines
+
+
+if __name__ == "__main__":
+    import csv
+
+    from brats_fl.settings import REPO_DIR
+
+    with open(REPO_DIR / "figs" / "memory_points_cpu.csv", newline="") as f:
+        measured = list(csv.DictReader(f))
+    print("\n".join(fit_report(measured)))
+    fitted = fit_coefficients(measured)
+    print(f"refit: TRAIN_FIT = {fitted[0]}\n       VAL_FIT = {fitted[1]}")
+    print("\n".join(card_table()))
