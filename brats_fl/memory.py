@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from brats_fl.settings import DEMO_SHAPE, TrainingSettings
 
@@ -27,8 +27,11 @@ BRATS_VOLUME = (240, 240, 155)  # every BraTS 2018 volume
 DEMO_DATA_FOLDER = "synthetic_brats18"  # job.py's demo data (run_options.resolve_data): DEMO_SHAPE volumes
 
 # Fitted on figs/memory_points_cpu.csv by fit_coefficients (tests/test_memory.py refits them from the CSV).
-TRAIN_FIT = (0.0, 0.0, 0.0)  # base MB, MB per filter-voxel, MB per voxel
-VAL_FIT = (0.0, 0.0, 0.0)  # base MB, MB per filter-window-voxel, MB per padded volume voxel
+# MB are MiB (2**20 bytes), as ru_maxrss gives them. Train: 70 bytes per filter per crop voxel (SegResNet's stored
+# activations and their gradients), 110 bytes per crop voxel (input, label, loss, first and last layers). Val: 19 bytes
+# per filter per window voxel, 90 bytes per voxel of the (padded) volume (the image, the summed logits and their count).
+TRAIN_FIT = (722.4136458956333, 6.661343936566018e-05, 0.00010471066024056493)  # base, per filter-voxel, per voxel
+VAL_FIT = (563.3124786662929, 1.7850997134147136e-05, 8.62644542591992e-05)  # base, per filter-window voxel, per voxel
 
 # Not measured yet (no GPU was lent to the session that fitted the above): on a GPU the activations are taken to
 # need what they need on the CPU, plus the CUDA context; mixed precision stores them in half precision, taken to
@@ -36,8 +39,12 @@ VAL_FIT = (0.0, 0.0, 0.0)  # base MB, MB per filter-window-voxel, MB per padded 
 CUDA_CONTEXT_MB = 600.0
 AMP_ACTIVATION_FACTOR = 0.6
 HOST_SITE_ON_GPU_MB = 3000.0  # host RSS of a site process that trains on a GPU (CUDA libraries, data): assumed
-# job.py, the simulator's server and client-runner processes together, measured by benchmarks/soak.py (the demo)
-JOB_OVERHEAD_MB = 1500.0
+# Measured by benchmarks/soak.py on the demo (docs/performance.md#memory): job.py (545 MB) and the simulator's
+# processes (the server and the sites' runner: 750 MB at its peak, 100 MB more); and what a site's process holds
+# besides its work (NVFlare's client, the data pipeline): its RSS in the soak less the model's figure for the demo.
+JOB_OVERHEAD_MB = 1400.0
+SITE_OVERHEAD_MB = 300.0
+FIT_MAX_RELATIVE_ERROR = 0.13  # the model against figs/memory_points_cpu.csv (python -m brats_fl.memory)
 
 
 # Memory over hundreds of rounds (benchmarks/soak.py, docs/performance.md#memory). Without them every site process and
@@ -82,7 +89,8 @@ def linear(coefficients: Sequence[float], features: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class SiteWork:
-    """What sets one site's memory."""
+    """What sets one site's memory. The site that validates does it in a thread while it trains (brats_fl/
+    pipeline.py), so its peak is its training step plus the validation's own tensors."""
 
     init_filters: int
     roi_size: tuple[int, int, int]
@@ -90,19 +98,19 @@ class SiteWork:
     volume: tuple[int, int, int]  # a whole validation volume
     amp: bool = False  # mixed precision (on a GPU only)
     trains: bool = True  # False: the site only validates (job.py --checkpoint)
+    every_site_validates: bool = False  # --validate_every_site, or sites with different validation cases
 
     @classmethod
     def of(cls, settings: TrainingSettings, on_gpu: bool, trains: bool = True) -> SiteWork:
-        demo = settings.dataset_base_dir is not None and settings.dataset_base_dir.rstrip("/").endswith(
-            DEMO_DATA_FOLDER
-        )
+        data = (settings.dataset_base_dir or "").rstrip("/")
         return cls(
             settings.init_filters,
             settings.roi_size,
             settings.infer_roi_size,
-            DEMO_SHAPE if demo else BRATS_VOLUME,
+            DEMO_SHAPE if data.endswith(DEMO_DATA_FOLDER) else BRATS_VOLUME,
             amp=on_gpu and settings.uses_amp("cuda"),
             trains=trains,
+            every_site_validates=settings.validate_at == "every_site",
         )
 
     def train_mb(self) -> float:
@@ -110,16 +118,33 @@ class SiteWork:
         return linear(TRAIN_FIT, train_features(self.init_filters, self.roi_size)) if self.trains else 0.0
 
     def val_mb(self) -> float:
+        """Peak RSS of the validation of one whole volume on the CPU."""
         return linear(VAL_FIT, val_features(self.init_filters, self.infer_roi_size, self.volume))
 
-    def host_mb(self) -> float:
-        """Peak RSS of the site's process on the CPU (fp32): its larger piece of work."""
-        return max(self.train_mb(), self.val_mb())
+    def work_mb(self, validating: bool) -> tuple[float, float]:
+        """(the process's base, what its work adds) on the CPU, fp32."""
+        if not self.trains:
+            return VAL_FIT[0], self.val_mb() - VAL_FIT[0]
+        added = self.train_mb() - TRAIN_FIT[0]
+        return TRAIN_FIT[0], added + (self.val_mb() - VAL_FIT[0] if validating else 0.0)
 
-    def gpu_mb(self) -> float:
-        """Peak memory on the site's GPU (not measured: see CUDA_CONTEXT_MB and AMP_ACTIVATION_FACTOR)."""
-        work = max(self.train_mb() - TRAIN_FIT[0] if self.trains else 0.0, self.val_mb() - VAL_FIT[0])
-        return CUDA_CONTEXT_MB + work * (AMP_ACTIVATION_FACTOR if self.amp else 1.0)
+    def host_mb(self, validating: bool = False) -> float:
+        """Peak RSS of the site's process when it runs on the CPU (fp32)."""
+        return SITE_OVERHEAD_MB + sum(self.work_mb(validating))
+
+    def gpu_mb(self, validating: bool = False) -> float:
+        """Peak memory on the site's GPU (computed, not measured: see CUDA_CONTEXT_MB and AMP_ACTIVATION_FACTOR)."""
+        return CUDA_CONTEXT_MB + self.work_mb(validating)[1] * (AMP_ACTIVATION_FACTOR if self.amp else 1.0)
+
+    def need_mb(self, sites: int, on_gpu: bool, host: bool) -> float:
+        """What `sites` sites running at once need: one of them validating (all, when every site validates); on
+        the host (host) or on one GPU."""
+        validating = sites if self.every_site_validates or not self.trains else min(1, sites)
+
+        def per_site(v: bool) -> float:
+            return (HOST_SITE_ON_GPU_MB if on_gpu else self.host_mb(v)) if host else self.gpu_mb(v)
+
+        return validating * per_site(True) + (sites - validating) * per_site(False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,24 +269,15 @@ class MemoryCheck:
 SMALLER_CROP = (128, 128, 96)
 
 
-def host_site_mb(work: SiteWork, on_gpu: bool) -> float:
-    return HOST_SITE_ON_GPU_MB if on_gpu else work.host_mb()
-
-
 def check_memory(work: SiteWork, at_once: AtOnce, machine: Machine, on_gpu: bool) -> MemoryCheck:
-    """The estimate against what the machine has. Every running site is counted at its peak (validation and
-    training at once at every site: the worst case), plus JOB_OVERHEAD_MB for the server and the simulator."""
-    host_site = host_site_mb(work, on_gpu)
-    host_need = JOB_OVERHEAD_MB + at_once.host * host_site
-    precision = "mixed precision" if work.amp else "fp32"
-    where = f"on its GPU ({precision}; not measured, computed)" if on_gpu else "on the CPU (fp32)"
-    lines = [
-        f"Memory estimate (brats_fl/memory.py): each site needs about "
-        f"{gb(work.gpu_mb() if on_gpu else host_site)} {where}: training step {gb(work.train_mb())}, validation "
-        f"{gb(work.val_mb())} on the CPU",
-        f"  this machine: {at_once.host} site(s) at once + the server need about {gb(host_need)} of host memory; "
-        f"available {gb(machine.host_available_mb)}",
-    ]
+    """The estimate against what the machine has: the sites that run at once (one of them validating while it
+    trains), plus JOB_OVERHEAD_MB for job.py and the simulator's server."""
+    host_need = JOB_OVERHEAD_MB + work.need_mb(at_once.host, on_gpu, host=True)
+    lines = [f"Memory estimate (brats_fl/memory.py): {per_site_line(work, on_gpu)}"]
+    lines.append(
+        f"  this machine: {at_once.host} site(s) at once + the server need about {gb(host_need)} of memory; "
+        f"available {gb(machine.host_available_mb)}"
+    )
     problems = []
     if host_need > machine.host_available_mb:
         problems.append(
@@ -272,32 +288,48 @@ def check_memory(work: SiteWork, at_once: AtOnce, machine: Machine, on_gpu: bool
         if g not in machine.gpu_free_mb:
             lines.append(f"  GPU {g}: not visible to torch here; not checked")
             continue
-        need = n * work.gpu_mb()
-        lines.append(f"  GPU {g}: {n} site(s) at once need about {gb(need)}; free {gb(machine.gpu_free_mb[g])}")
-        if need > machine.gpu_free_mb[g]:
-            problems.append(f"GPU {g}: {n} site(s) at once need about {gb(need)}, {gb(machine.gpu_free_mb[g])} free")
+        need, free = work.need_mb(n, on_gpu, host=False), machine.gpu_free_mb[g]
+        lines.append(f"  GPU {g}: {n} site(s) at once need about {gb(need)}; free {gb(free)}")
+        if need > free:
+            problems.append(f"GPU {g}: {n} site(s) at once need about {gb(need)}, {gb(free)} free")
     if not problems:
         return MemoryCheck(lines, None)
     return MemoryCheck(lines, f"memory: {'; '.join(problems)}. {ways_out(work, machine, on_gpu)}")
 
 
-def sites_that_fit(work: SiteWork, machine: Machine, on_gpu: bool) -> int:
-    """How many sites at once the host memory (and every GPU checked) has room for."""
-    counts = [int((machine.host_available_mb - JOB_OVERHEAD_MB) // host_site_mb(work, on_gpu))]
+def per_site_line(work: SiteWork, on_gpu: bool) -> str:
     if on_gpu:
-        counts += [int(free // work.gpu_mb()) for free in machine.gpu_free_mb.values()]
-    return max(0, min(counts))
+        precision = "mixed precision" if work.amp else "fp32"
+        return (
+            f"each site needs about {gb(work.gpu_mb())} of its GPU ({precision}; computed, not measured), the one "
+            f"that validates {gb(work.gpu_mb(True))}, and about {gb(HOST_SITE_ON_GPU_MB)} of host memory"
+        )
+    what = "validates" if not work.trains else "trains"
+    return (
+        f"each site that {what} needs about {gb(work.host_mb())} on the CPU (fp32), the one that also validates "
+        f"{gb(work.host_mb(True))} (training step {gb(work.train_mb())}, validation of one volume {gb(work.val_mb())})"
+    )
+
+
+def sites_that_fit(work: SiteWork, machine: Machine, on_gpu: bool) -> int:
+    """The most sites at once that the host memory, and every GPU checked, have room for (0: not even one)."""
+    rooms = [(machine.host_available_mb - JOB_OVERHEAD_MB, True), *((f, False) for f in machine.gpu_free_mb.values())]
+    for sites in range(64, 0, -1):
+        if all(work.need_mb(sites, on_gpu, host) <= room for room, host in rooms):
+            return sites
+    return 0
 
 
 def ways_out(work: SiteWork, machine: Machine, on_gpu: bool) -> str:
     """The ways out, with the figures that say how far each goes."""
     fitting = sites_that_fit(work, machine, on_gpu)
-    fewer = f"--threads {fitting}" if fitting >= 1 else "--threads 1 (even one site may not fit)"
-    crop = SiteWork(work.init_filters, SMALLER_CROP, work.infer_roi_size, work.volume, work.amp, work.trains)
+    fewer = f"--threads {fitting}" if fitting >= 1 else "--threads 1, although even one site may not fit"
+    crop = replace(work, roi_size=SMALLER_CROP)
     return (
         f"Ways out: fewer sites at once ({fewer}); the sites spread over several GPUs (--gpu 0,1: one site per GPU "
-        f"at a time); a smaller crop (--roi_size {' '.join(map(str, SMALLER_CROP))}: about {gb(crop.host_mb())} per "
-        f"site on the CPU) or --infer_roi_size; mixed precision on a GPU (no --no_amp); or --skip_memory_check"
+        f"at a time); a smaller crop (--roi_size {' '.join(map(str, SMALLER_CROP))}: about "
+        f"{gb(crop.host_mb(True))} per site on the CPU) or --infer_roi_size; mixed precision on a GPU (no --no_amp); "
+        "or --skip_memory_check to start anyway"
     )
 
 
@@ -310,8 +342,8 @@ def memory_preflight(run) -> str | None:
     if run.env.name == "prod":
         cpu, gpu = SiteWork.of(settings, False, trains), SiteWork.of(settings, True, trains)
         print(
-            f"Memory estimate (brats_fl/memory.py): each site needs about {gb(cpu.host_mb())} on a CPU (fp32), or "
-            f"{gb(gpu.gpu_mb())} on a GPU (computed); the sites are other machines: not checked here",
+            f"Memory estimate (brats_fl/memory.py): each site needs about {gb(cpu.host_mb(True))} on a CPU (fp32), "
+            f"or {gb(gpu.gpu_mb(True))} on a GPU (computed); the sites are other machines: not checked here",
             flush=True,
         )
         return None
@@ -361,17 +393,22 @@ def fit_report(rows: list[dict]) -> list[str]:
     return lines
 
 
+def sites_per_card(work: SiteWork, card_gb: float) -> int:
+    """The most sites one card holds at once, one of them validating (computed)."""
+    return max((n for n in range(1, 257) if work.need_mb(n, True, host=False) <= card_gb * 1024), default=0)
+
+
 def card_table() -> list[str]:
-    """Memory per site (CPU measured-model fp32; GPU computed fp32/AMP) and sites per card (computed)."""
-    head = " | ".join(f"per {c} GB card" for c in CARDS_GB)
-    lines = [f"| settings | precision | memory per site | {head} |", "| --- | --- | --- |" + " --- |" * len(CARDS_GB)]
+    """Markdown: memory per site (the validating one) on the CPU (the model of the measured points) and on a GPU
+    (computed), and sites per card (computed)."""
+    cards = " | ".join(f"{c} GB card" for c in CARDS_GB)
+    lines = [f"| settings | CPU fp32 | GPU fp32 | GPU AMP | {cards} |", "| --- " * (4 + len(CARDS_GB)) + "|"]
     for name, work in TABLE_SETTINGS.items():
-        lines.append(f"| {name} | CPU fp32 (model of measured) | {gb(work.host_mb())} |" + " |" * len(CARDS_GB))
-        for amp in (False, True):
-            on_gpu = SiteWork(work.init_filters, work.roi_size, work.infer_roi_size, work.volume, amp)
-            need = on_gpu.gpu_mb()
-            per_card = " | ".join(str(int(c * 1024 // need)) for c in CARDS_GB)
-            lines.append(f"| {name} | GPU {'AMP' if amp else 'fp32'} (computed) | {gb(need)} | {per_card} |")
+        fp32, amp = replace(work, amp=False), replace(work, amp=True)
+        cards = " | ".join(f"{sites_per_card(fp32, c)} / {sites_per_card(amp, c)}" for c in CARDS_GB)
+        lines.append(
+            f"| {name} | {gb(work.host_mb(True))} | {gb(fp32.gpu_mb(True))} | {gb(amp.gpu_mb(True))} | {cards} |"
+        )
     return lines
 
 
