@@ -58,8 +58,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--num_rounds {args.num_rounds}: need >= 2"
     if args.minutes <= 0 or args.sample_s <= 0:
         return "--minutes and --sample_s: need > 0"
-    if args.skip_rounds < 0 or args.skip_rounds > args.num_rounds - 3:
-        return f"--skip_rounds {args.skip_rounds}: need 0 .. num_rounds - 3 (the slope needs 3 rounds)"
+    if not 0 <= args.skip_rounds < args.num_rounds:
+        return f"--skip_rounds {args.skip_rounds}: need 0 .. num_rounds - 1 (a slope needs 3 rounds after them)"
     return None
 
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     workspace.mkdir(parents=True, exist_ok=True)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"Soak: the demo, {args.n_clients} sites x {args.num_rounds} rounds or {args.minutes:g} minutes; RSS of every "
+        f"Soak: job.py{' ' + args.job_flags if args.job_flags else ' (the demo)'}, {args.n_clients} sites x {args.num_rounds} rounds or {args.minutes:g} minutes; RSS of every "
         f"process every {args.sample_s:g} s; load average at start {load}",
         flush=True,
     )
