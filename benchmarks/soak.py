@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     workspace = Path(args.workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    job = f"job.py {args.job_flags}" if args.job_flags else "job.py (the demo)"
     print(
-        f"Soak: job.py{' ' + args.job_flags if args.job_flags else ' (the demo)'}, {args.n_clients} sites x {args.num_rounds} rounds or {args.minutes:g} minutes; RSS of every "
+        f"Soak: {job}, {args.n_clients} sites x {args.num_rounds} rounds or {args.minutes:g} minutes; RSS of every "
         f"process every {args.sample_s:g} s; load average at start {load}",
         flush=True,
     )
