@@ -1,9 +1,9 @@
 """How much memory one site needs, estimated before a job starts, and whether the sites that run at once fit.
 
-A site's peak is that of its larger piece of work: one training step on a --roi_size crop, or the sliding-window
-validation of one whole volume with an --infer_roi_size window. Both are straight lines in what sets them, fitted by
-least squares on the points ``python -m benchmarks.memory_points`` measured (figs/memory_points_cpu.csv, process RSS
-on the CPU, fp32):
+A site's work is one training step on a --roi_size crop and, at the site that validates (in a thread, while it
+trains), the sliding-window validation of one whole volume with an --infer_roi_size window. The peak of each is a
+straight line in what sets it, fitted by least squares on the points ``python -m benchmarks.memory_points``
+measured (figs/memory_points_cpu.csv, process RSS on the CPU, fp32):
 
     train MB = base + a * init_filters * crop voxels + b * crop voxels
     val MB   = base + c * init_filters * window voxels + d * padded volume voxels
@@ -39,17 +39,17 @@ VAL_FIT = (563.3124786662929, 1.7850997134147136e-05, 8.62644542591992e-05)  # b
 CUDA_CONTEXT_MB = 600.0
 AMP_ACTIVATION_FACTOR = 0.6
 HOST_SITE_ON_GPU_MB = 3000.0  # host RSS of a site process that trains on a GPU (CUDA libraries, data): assumed
-# Measured by benchmarks/soak.py on the demo (docs/performance.md#memory): job.py (545 MB) and the simulator's
-# processes (the server and the sites' runner: 750 MB at its peak, 100 MB more); and what a site's process holds
-# besides its work (NVFlare's client, the data pipeline): its RSS in the soak less the model's figure for the demo.
+# Measured by benchmarks/soak.py on the demo (docs/performance.md#memory): job.py (545 MB), the simulator's process that
+# runs the server (626-752 MB at its peak) and its two small helpers (100 MB); and what a site's process holds besides
+# its work (NVFlare's client, the data pipeline): its RSS in the soak less the model's figure for the demo (~300 MB).
 JOB_OVERHEAD_MB = 1400.0
 SITE_OVERHEAD_MB = 300.0
 FIT_MAX_RELATIVE_ERROR = 0.13  # the model against figs/memory_points_cpu.csv (python -m brats_fl.memory)
 
 
 # Memory over hundreds of rounds (benchmarks/soak.py, docs/performance.md#memory). Without them every site process and
-# the simulator's server grew by 1.2-1.5 MB per round over 46 demo rounds (about 0.8 GB over the paper's 600): freed
-# memory that glibc keeps in its per-thread arenas instead of returning it. NVFlare 2.9 runs gc.collect() and
+# the simulator's server grew by 1.2-1.5 MB per round over 46 demo rounds (about 0.8 GB over the paper's 600), most
+# likely freed memory that glibc keeps in its per-thread arenas instead of returning it; with them: within 0.4 MB. NVFlare 2.9 runs gc.collect() and
 # malloc_trim() (and torch.cuda.empty_cache() on a GPU) after every round at the server and the sites when its FedAvg
 # recipe is given these; MALLOC_ARENA_MAX caps the arenas glibc keeps in every process job.py starts.
 RECIPE_MEMORY_CLEANUP = {"server_memory_gc_rounds": 1, "client_memory_gc_rounds": 1, "cuda_empty_cache": True}
