@@ -49,9 +49,10 @@ FIT_MAX_RELATIVE_ERROR = 0.13  # the model against figs/memory_points_cpu.csv (p
 
 # Memory over hundreds of rounds (benchmarks/soak.py, docs/performance.md#memory). Without them every site process and
 # the simulator's server grew by 1.2-1.5 MB per round over 46 demo rounds (about 0.8 GB over the paper's 600), most
-# likely freed memory that glibc keeps in its per-thread arenas instead of returning it; with them: within 0.4 MB. NVFlare 2.9 runs gc.collect() and
-# malloc_trim() (and torch.cuda.empty_cache() on a GPU) after every round at the server and the sites when its FedAvg
-# recipe is given these; MALLOC_ARENA_MAX caps the arenas glibc keeps in every process job.py starts.
+# likely freed memory that glibc keeps in its per-thread arenas instead of returning it; with them, within 0.4 MB.
+# NVFlare 2.9 runs gc.collect() and malloc_trim() (and torch.cuda.empty_cache() on a GPU) after every round at the
+# server and the sites when its FedAvg recipe is given these; MALLOC_ARENA_MAX caps the arenas glibc keeps in every
+# process job.py starts.
 RECIPE_MEMORY_CLEANUP = {"server_memory_gc_rounds": 1, "client_memory_gc_rounds": 1, "cuda_empty_cache": True}
 MALLOC_ARENA_MAX = "2"
 
