@@ -60,12 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 def training_recipe(run: RunOptions):
     """NVFlare's FedAvg of BratsSegResNet over the run's sites, from round 0 or from where a resumed job stopped."""
     from nvflare.client.config import TransferType
-    from nvflare.recipe.utils import add_experiment_tracking
 
     from brats_fl.fl_components import LastGlobalModelKeeper, SiteFailureWatcher
     from brats_fl.memory import RECIPE_MEMORY_CLEANUP
     from brats_fl.nvflare_compat import ResumableFedAvgRecipe, add_server_component
-    from brats_fl.recipes import add_privacy, send_to_named_sites, ship_app_files, stop_condition
+    from brats_fl.recipes import add_privacy, add_tracking, send_to_named_sites, ship_app_files, stop_condition
     from model import BratsSegResNet
 
     settings, start = run.settings, run.start
@@ -88,7 +87,7 @@ def training_recipe(run: RunOptions):
     if run.env.sends_to_named_sites:
         send_to_named_sites(recipe, run.n_clients)  # a deployment: site-1 ... site-N, not every site there is
     ship_app_files(recipe, settings)  # brats_fl/, model.py and brats_settings.json, next to client.py
-    add_experiment_tracking(recipe, "tensorboard")  # the sites' SummaryWriter scalars reach the server's tb_events/
+    add_tracking(recipe, run.trackers, run.tracking_uri)  # --tracking: the sites' curves reach TensorBoard/MLflow
     add_server_component(recipe, LastGlobalModelKeeper())  # last_global_model.pt every round: what --resume needs
     recipe.add_server_input_filter(SiteFailureWatcher(), tasks=["train"])  # a site's error ends the job, named
     if settings.dp_mechanism:

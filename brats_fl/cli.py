@@ -28,6 +28,7 @@ from brats_fl.settings import (
 )
 
 ENVIRONMENTS = ("sim", "poc", "prod")
+TRACKERS = ("tensorboard", "mlflow", "both")  # --tracking: NVFlare's experiment-tracking receivers at the server
 RESUME = "resume"  # the flag may be given with --resume
 EVALUATE = "evaluate"  # ... with --checkpoint of a model inside a job folder (the job's settings and sites score it)
 EXISTING_JOB = (RESUME, EVALUATE)
@@ -82,6 +83,14 @@ FLAGS: tuple[Flag, ...] = (
          {"default": DEFAULT_WORKSPACE}, existing_job=(EVALUATE,)),
     Flag("overwrite", "federation", "start afresh in a job folder that holds an earlier run's models, deleting them "
          "(without it job.py refuses such a folder and suggests --resume)", ON),
+    Flag("tracking", "federation", "where the sites' curves (val_dice, ...) go, through NVFlare's experiment tracking "
+         "at the server: tensorboard (<job>/server/simulate_job/tb_events/), mlflow (an MLflow store: "
+         "<job>/server/simulate_job/mlflow.db, or --tracking_uri) or both; under DP only the validation Dice and "
+         "privacy_epsilon reach either (docs/using_the_model.md) (default: tensorboard)",
+         {"choices": TRACKERS, "default": "tensorboard"}, existing_job=(RESUME,)),
+    Flag("tracking_uri", "federation", "with --tracking mlflow or both: the MLflow tracking URI, e.g. "
+         "http://mlflow-host:5000 or sqlite:////data/mlflow.db (default: <job>/server/simulate_job/mlflow.db on "
+         "the server)", {"metavar": "URI"}, existing_job=(RESUME,)),
     # training
     Flag("learning_rate", "training", "Adam learning rate", {"type": float}, setting=True),
     Flag("fedproxloss_mu", "training", "FedProx proximal weight; 0 = off", {"type": float}, setting=True),

@@ -56,6 +56,11 @@ class JobPaths:
         return self.server_job_dir / "tb_events"
 
     @property
+    def mlflow_db(self) -> Path:
+        """With --tracking mlflow and no --tracking_uri: the MLflow store NVFlare's receiver writes (SQLite)."""
+        return self.server_job_dir / "mlflow.db"
+
+    @property
     def round_metrics(self) -> Path:
         return self.server_job_dir / "metrics" / "round_metrics.jsonl"
 
@@ -111,6 +116,17 @@ class JobSummary:
     best_round: int
     best_metrics: dict[str, float]
     extra_lines: list[str] = field(default_factory=list)
+    trackers: tuple[str, ...] = ("tensorboard",)  # job.py --tracking: where the curves are
+    tracking_uri: str | None = None
+
+    def curves_lines(self) -> list[str]:
+        lines = []
+        if "tensorboard" in self.trackers:
+            lines.append(f"  curves: tensorboard --logdir {self.paths.tb_events}")
+        if "mlflow" in self.trackers:
+            uri = self.tracking_uri or f"sqlite:///{self.paths.mlflow_db}"
+            lines.append(f"  curves: mlflow ui --backend-store-uri {uri} (experiment {self.paths.job_name})")
+        return lines
 
     def render(self) -> str:
         m = self.best_metrics
@@ -120,7 +136,7 @@ class JobSummary:
             f"  best global val_dice {m['val_dice']:.4f} at round {self.best_round} ({parts})",
             f"  best model: {self.paths.best_model}",
             *self.extra_lines,
-            f"  curves: tensorboard --logdir {self.paths.tb_events}",
+            *self.curves_lines(),
         ]
         return "\n".join(lines)
 

@@ -182,6 +182,21 @@ def add_server_component(recipe, component) -> None:
     recipe._job.to_server(component)
 
 
+MLFLOW_RECEIVER_ID = "mlflow_receiver"
+
+
+def add_mlflow_receiver(recipe, tracking_uri: str | None, experiment_name: str) -> None:
+    """NVFlare's MLflowReceiver at the server, under its own component id: add_experiment_tracking registers every
+    receiver as "receiver", so it cannot add MLflow next to TensorBoard. Without a URI the receiver writes to
+    sqlite:///<server job folder>/mlflow.db (NVFlare 2.9's default; MLflow 3.x refuses a plain ./mlruns folder store
+    unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
+
+    tags = {"job": experiment_name, "project": "brats-fl"}  # both given: NVFlare prints a notice for a missing one
+    kw_args = {"experiment_name": experiment_name, "run_name": "brats-fl", "experiment_tags": tags, "run_tags": tags}
+    recipe._job.to_server(MLflowReceiver(tracking_uri=tracking_uri, kw_args=kw_args), MLFLOW_RECEIVER_ID)
+
+
 def _resumable_fedavg_recipe():
     """ResumableFedAvgRecipe (see __getattr__ below)."""
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe

@@ -109,6 +109,53 @@ def regions_to_labels(regions: np.ndarray, et_label: int = ET_LABEL_BRATS2017) -
     return label
 
 
+def nested_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
+    """TC/WT/ET channels as a BraTS label map holds them (ET inside TC inside WT), i.e. what a viewer or the BraTS
+    evaluator sees in a written prediction; the network's raw channels need not be nested."""
+    return labels_to_regions(regions_to_labels(regions, et_label), et_label) > 0.5
+
+
+def save_label_map(
+    prediction: torch.Tensor,
+    reference,
+    preprocess: Compose,
+    reference_key: str,
+    reference_file: str | Path,
+    et_label: int,
+    out_path: Path,
+) -> None:
+    """Write a predicted TC/WT/ET tensor as a BraTS label map on the original grid, with the header and affine of
+    reference_file. Used by the evaluation (reference: the label) and by result_stat.predict (reference: the image).
+
+    The prediction lives in the pipeline's space (RAS, 1 mm); MONAI inverts the reference's own preprocessing
+    (orientation, spacing; nearest neighbour) on it, so it lands voxel for voxel on the original scan. Written to a
+    temporary file first, then renamed: a label map that exists is complete.
+    """
+    import os
+
+    import nibabel as nib
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    data = {
+        reference_key: reference,
+        "pred": MetaTensor(
+            prediction.detach().cpu(), meta=dict(reference.meta), applied_operations=list(reference.applied_operations)
+        ),
+    }
+    inverted = Invertd(keys="pred", transform=preprocess, orig_keys=reference_key, nearest_interp=True)(data)["pred"]
+    labels = regions_to_labels(np.asarray(inverted.detach().cpu()), et_label)
+    original = nib.load(str(reference_file))
+    if labels.shape != original.shape[:3]:
+        raise RuntimeError(f"inverted prediction {labels.shape} does not match {reference_file} {original.shape}")
+    header = original.header.copy()
+    header.set_data_dtype(np.uint8)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_path.with_name(f".{os.getpid()}.{out_path.name}")  # keeps the .nii.gz ending nibabel reads
+    nib.save(nib.Nifti1Image(labels, original.affine, header), str(temporary))
+    os.replace(temporary, out_path)
+
+
 class CheckBratsLabelsd(MapTransform):
     """Refuse a label map with values outside {0, 1, 2, et_label}, naming the file; the data pass unchanged. Part of
     preprocessing, so every case is checked whole, even where training only looks at a crop of it."""
@@ -160,20 +207,22 @@ def _with_same_meta(original, new: torch.Tensor | np.ndarray):
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------------------------------------------
-def preprocessing_transforms(et_label: int = ET_LABEL_BRATS2017) -> Compose:
+def preprocessing_transforms(et_label: int = ET_LABEL_BRATS2017, with_label: bool = True) -> Compose:
     """The deterministic part of loading a case, which the disk cache stores: the 4 modalities as channels and the
     label map, in RAS orientation at 1 mm (MONAI leaves a volume already at 1 mm as it is), label values checked.
-    The steps after it work on float32 (the cache hands back the files' own compact types: the same numbers)."""
-    return Compose(
-        [
-            LoadImaged(keys=["image", "label"], image_only=True),
-            EnsureChannelFirstd(keys=["image", "label"]),
-            EnsureTyped(keys=["image", "label"], dtype=torch.float32),
-            Orientationd(keys=["image", "label"], axcodes="RAS"),
-            Spacingd(keys=["image", "label"], pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
-            CheckBratsLabelsd(keys="label", et_label=et_label),
-        ]
-    )
+    The steps after it work on float32 (the cache hands back the files' own compact types: the same numbers).
+    Without the label (new cases, result_stat.predict) the image steps are the same ones."""
+    keys = ["image", "label"] if with_label else ["image"]
+    steps = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        EnsureTyped(keys=keys, dtype=torch.float32),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")[: len(keys)]),
+    ]
+    if with_label:
+        steps.append(CheckBratsLabelsd(keys="label", et_label=et_label))
+    return Compose(steps)
 
 
 def training_steps(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:
@@ -196,16 +245,15 @@ def training_steps(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) 
     )
 
 
-def validation_steps(et_label: int = ET_LABEL_BRATS2017) -> Compose:
-    """After preprocessing, for validation: TC/WT/ET channels and normalisation of the whole volume (no crop:
-    sliding-window inference pads each window to a SegResNet-compatible size)."""
-    return Compose(
-        [
-            EnsureTyped(keys=["image", "label"], dtype=torch.float32),
-            ConvertToBratsRegionsd(keys="label", et_label=et_label),
-            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        ]
-    )
+def validation_steps(et_label: int = ET_LABEL_BRATS2017, with_label: bool = True) -> Compose:
+    """After preprocessing, for validation and inference: TC/WT/ET channels and normalisation of the whole volume
+    (no crop: sliding-window inference pads each window to a SegResNet-compatible size)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    steps = [EnsureTyped(keys=keys, dtype=torch.float32)]
+    if with_label:
+        steps.append(ConvertToBratsRegionsd(keys="label", et_label=et_label))
+    steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+    return Compose(steps)
 
 
 def train_transforms(roi_size: Sequence[int], et_label: int = ET_LABEL_BRATS2017) -> Compose:

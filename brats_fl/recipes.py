@@ -58,6 +58,20 @@ def send_to_named_sites(recipe, n_clients: int) -> None:
     set_per_site_config(recipe, {site: {} for site in site_names(n_clients)})
 
 
+def add_tracking(recipe, trackers: tuple[str, ...], tracking_uri: str | None) -> None:
+    """NVFlare's experiment tracking at the server: what the sites log with nvflare.client.tracking.SummaryWriter
+    reaches TensorBoard (tb_events/) and/or MLflow (NVFlare's MLflowReceiver turns the TensorBoard-style scalars into
+    MLflow metrics; one MLflow run per site, in the experiment named after the job)."""
+    from nvflare.recipe.utils import add_experiment_tracking
+
+    from brats_fl.nvflare_compat import add_mlflow_receiver
+
+    if "tensorboard" in trackers:
+        add_experiment_tracking(recipe, "tensorboard")  # the sites' SummaryWriter scalars reach tb_events/
+    if "mlflow" in trackers:
+        add_mlflow_receiver(recipe, tracking_uri, experiment_name=recipe.name)
+
+
 def add_privacy(recipe, settings: TrainingSettings, n_clients: int, previous_report: Path | None) -> None:
     """The chosen mechanism (SVT: a filter on each site's output; DP-SGD: lives in client.py) and the server filter
     that writes the privacy report."""

@@ -78,6 +78,7 @@ def job_summary(run: RunOptions, rounds_run: int) -> JobSummary:
     summary = summarize_job(
         run.job.workspace_root, run.job.job_name, rounds_run, run.settings.validating_sites(run.n_clients)
     )
+    summary.trackers, summary.tracking_uri = run.trackers, run.tracking_uri
     report = None
     if run.settings.dp_mechanism:
         report = load_report(summary.paths.privacy_report)

@@ -47,6 +47,8 @@ class RunOptions:
     checkpoint: Path | None = None  # --checkpoint: the sites score it, no training
     given: dict[str, Any] = field(default_factory=dict)  # the flags on the command line (the resume line repeats some)
     dpsgd_plans: dict[str, Any] = field(default_factory=dict)  # site -> DPSGDPlan, when job.py calibrates DP-SGD
+    trackers: tuple[str, ...] = ("tensorboard",)  # --tracking: NVFlare's receivers of the sites' curves at the server
+    tracking_uri: str | None = None  # --tracking_uri: the MLflow store (None: mlflow.db in the server's job folder)
 
     @property
     def sites(self) -> list[str]:
@@ -99,7 +101,25 @@ def prepare_run(args: argparse.Namespace, given: dict[str, Any]) -> RunOptions:
     else:
         run = new_job(args, given, env)
     check_not_running(run.job.job_dir)
-    return run
+    return replace(run, **tracking_options(args.tracking, args.tracking_uri))
+
+
+def tracking_options(tracking: str, tracking_uri: str | None) -> dict[str, Any]:
+    """--tracking and --tracking_uri as RunOptions fields, checked: the URI needs MLflow, MLflow needs its package."""
+    trackers = ("tensorboard", "mlflow") if tracking == "both" else (tracking,)
+    if tracking_uri is not None and "mlflow" not in trackers:
+        raise InputError(f"--tracking_uri {tracking_uri}: only MLflow takes it; add --tracking mlflow (or both)")
+    if tracking_uri is not None and "://" not in tracking_uri and not tracking_uri.startswith("file:"):
+        raise InputError(
+            f"--tracking_uri {tracking_uri}: give an MLflow tracking URI, e.g. http://host:5000 or "
+            "sqlite:////absolute/path/mlflow.db"
+        )
+    if "mlflow" in trackers:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise InputError("--tracking mlflow: MLflow is not installed; pip install -r requirements.txt")
+    return {"trackers": trackers, "tracking_uri": tracking_uri}
 
 
 # ---------------------------------------------------------------------------------------------------------------

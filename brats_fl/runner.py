@@ -197,6 +197,9 @@ def failure_of(paths: JobPaths) -> str | None:
 
 
 SUBMITTED_FILE = "submitted.json"  # in a deployed job's local folder: where and as what it ran
+# NVFlare's admin login gives up after 10 s (PocEnv) or 5 s (ProdEnv); a POC server starting on a loaded machine took
+# longer here (load 18 on 2 cores: "NoConnection: cannot connect to server for 10 seconds"), so wait a minute.
+LOGIN_TIMEOUT_S = 60.0
 
 
 def deployment_env(env: str, n_clients: int, gpu: str | None, startup_kit: str | None):
@@ -204,8 +207,12 @@ def deployment_env(env: str, n_clients: int, gpu: str | None, startup_kit: str |
 
     if env == "poc":
         gpu_ids = [int(g) for g in gpu.split(",")] if gpu else None
-        return PocEnv(num_clients=n_clients, gpu_ids=gpu_ids)
-    return ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(Path(startup_kit)))
+        return PocEnv(num_clients=n_clients, gpu_ids=gpu_ids, extra={"login_timeout": LOGIN_TIMEOUT_S})
+    return ProdEnv(
+        startup_kit_location=str(startup_kit),
+        username=admin_username(Path(startup_kit)),
+        login_timeout=LOGIN_TIMEOUT_S,
+    )
 
 
 def run_deployed(recipe, paths: JobPaths, n_clients: int, gpu: str | None, env: str, startup_kit: str | None):

@@ -305,39 +305,13 @@ def load_model(model_path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def nested_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
-    """TC/WT/ET channels as a BraTS label map holds them (ET inside TC inside WT), i.e. what a viewer or the BraTS
-    evaluator sees in the written prediction; the network's raw channels need not be nested."""
-    return bp.labels_to_regions(bp.regions_to_labels(regions, et_label), et_label) > 0.5
+nested_regions = bp.nested_regions  # kept under its old name: the tests and older scripts call it from here
 
 
 def save_label_map(prediction, label_item, preprocess, label_path: Path, et_label: int, out_path: Path) -> None:
-    """Write a predicted TC/WT/ET tensor as a BraTS label map on the original grid, with the input's affine.
-
-    The prediction lives in the pipeline's space (RAS, 1 mm); MONAI inverts the label's own preprocessing
-    (orientation, spacing) on it, so it lands voxel for voxel on the original scan.
-    """
-    import nibabel as nib
-    from monai.data import MetaTensor
-    from monai.transforms import Invertd
-
-    data = {
-        "label": label_item,
-        "pred": MetaTensor(
-            prediction.detach().cpu(),
-            meta=dict(label_item.meta),
-            applied_operations=list(label_item.applied_operations),
-        ),
-    }
-    inverted = Invertd(keys="pred", transform=preprocess, orig_keys="label", nearest_interp=True)(data)["pred"]
-    labels = bp.regions_to_labels(np.asarray(inverted.detach().cpu()), et_label)
-    original = nib.load(str(label_path))
-    if labels.shape != original.shape[:3]:
-        raise RuntimeError(f"inverted prediction {labels.shape} does not match {label_path} {original.shape}")
-    header = original.header.copy()
-    header.set_data_dtype(np.uint8)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(labels, original.affine, header), str(out_path))
+    """Write a predicted TC/WT/ET tensor as a BraTS label map on the label's grid, with its affine
+    (brats_fl.pipeline.save_label_map, the label as the reference)."""
+    bp.save_label_map(prediction, label_item, preprocess, "label", label_path, et_label, out_path)
 
 
 def evaluate_model(

@@ -3,9 +3,10 @@
     python -m result_stat.plot_tensorboard_events --workspace /tmp/nvflare/simulation --output_dir figs
 
 Reads each job's TensorBoard event files (server/simulate_job/tb_events/site-N/, written by the clients; no
-TensorFlow needed) and draws, for the tags val_dice, val_dice_tc, val_dice_wt and val_dice_et, one chart per tag
-with one line per job: the raw values faint, TensorBoard's smoothed curve solid. The global model's value at round r
-is the mean over the sites that logged one at step r: by default one site validates for all; with
+TensorFlow needed), or for a job run with --tracking mlflow its MLflow store (server/simulate_job/mlflow.db, or
+--tracking_uri; MLflow's own client), and draws, for the tags val_dice, val_dice_tc, val_dice_wt and val_dice_et,
+one chart per tag with one line per job: the raw values faint, TensorBoard's smoothed curve solid. The global model's
+value at round r is the mean over the sites that logged one at step r: by default one site validates for all; with
 --validate_every_site every site validates the same model on the same cases (their values agree up to
 floating-point noise).
 
@@ -32,7 +33,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from brats_fl.job_results import JobPaths  # noqa: E402
 from brats_fl.settings import DEFAULT_WORKSPACE, EXIT_BAD_INPUT, PAPER_JOB_NAMES  # noqa: E402
-from result_stat.tb_events import read_site_scalars  # noqa: E402
+from result_stat.tb_events import has_tensorboard_events, read_job_scalars  # noqa: E402
 
 DEFAULT_JOBS = PAPER_JOB_NAMES[:3]  # the paper's three configurations
 CONFIGURATION_NAMES = {"brats18_1": "Central", "brats18_4": "FedAvg", "brats18_4_dp": "FedAvg+DP"}
@@ -76,9 +77,11 @@ def global_model_curve(site_series: dict[str, list[tuple[int, float]]]) -> tuple
     return rounds, [float(np.mean([s[r] for s in by_site])) for r in rounds]
 
 
-def job_curves(paths: JobPaths, tags: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
-    """{tag: (rounds, values)} of one job's global model."""
-    scalars = read_site_scalars(paths.tb_events)
+def job_curves(
+    paths: JobPaths, tags: Sequence[str], tracking_uri: str | None = None
+) -> dict[str, tuple[list[int], list[float]]]:
+    """{tag: (rounds, values)} of one job's global model, from its TensorBoard events or its MLflow store."""
+    scalars = read_job_scalars(paths, tracking_uri)
     return {tag: global_model_curve({site: s.get(tag, []) for site, s in scalars.items()}) for tag in tags}
 
 
@@ -157,20 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["png", "svg", "pdf"],
         help="file formats written for every chart (default: png svg)",
     )
+    p.add_argument(
+        "--tracking_uri",
+        metavar="URI",
+        help="read the curves from this MLflow store (the job.py --tracking_uri the jobs used; experiment = job "
+        "name) (default: each job's TensorBoard events, else its <job>/server/simulate_job/mlflow.db)",
+    )
     p.add_argument("--prefix", default="", help="prefix of the file names, e.g. 'demo_' (default: none)")
     p.add_argument("--note", default="", help="small print at the bottom of every chart, e.g. 'synthetic demo data'")
     return p
 
 
-def available_jobs(workspace: Path, jobs: Sequence[str], log=print) -> list[JobPaths]:
-    """Jobs whose TensorBoard events exist; the others are named and skipped."""
+def available_jobs(workspace: Path, jobs: Sequence[str], log=print, tracking_uri: str | None = None) -> list[JobPaths]:
+    """Jobs whose curves exist (TensorBoard events, or an MLflow store: the job's mlflow.db or --tracking_uri); the
+    others are named and skipped."""
     found = []
     for job in jobs:
         paths = JobPaths(workspace, job)
-        if paths.tb_events.is_dir() and any(paths.tb_events.glob("site-*/events.out.tfevents.*")):
+        if has_tensorboard_events(paths) or paths.mlflow_db.is_file() or tracking_uri:
             found.append(paths)
         else:
-            log(f"skipping {job}: no TensorBoard events at {paths.tb_events} (job not run?)")
+            log(
+                f"skipping {job}: no TensorBoard events at {paths.tb_events} nor MLflow store {paths.mlflow_db} "
+                "(job not run?)"
+            )
     return found
 
 
@@ -182,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         workspace = Path(args.workspace)
         if not workspace.is_dir():
             raise PlotInputError(f"--workspace {workspace} does not exist; point it at the simulator workspace root")
-        jobs = available_jobs(workspace, args.job_names)
+        jobs = available_jobs(workspace, args.job_names, tracking_uri=args.tracking_uri)
         if not jobs:
             raise PlotInputError(
-                f"none of the jobs {' '.join(args.job_names)} has TensorBoard events under {workspace}"
+                f"none of the jobs {' '.join(args.job_names)} has TensorBoard events or an MLflow store under "
+                f"{workspace}"
             )
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot create --output_dir {args.output_dir}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    per_job = {configuration_name(p.job_name): job_curves(p, args.tags) for p in jobs}
+    per_job = {configuration_name(p.job_name): job_curves(p, args.tags, args.tracking_uri) for p in jobs}
     for tag in args.tags:
         curves = {name: c[tag] for name, c in per_job.items() if c[tag][0]}
         if not curves:
