@@ -42,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    from brats_fl.memory import limit_malloc_arenas, memory_preflight
     from brats_fl.reporting import print_opening_lines
 
+    problem = memory_preflight(run)  # prints each site's memory estimate against what the machine has
+    if problem:  # the sites that run at once would not fit: stop before anything runs
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    limit_malloc_arenas()  # for every process the job starts (docs/performance.md#memory)
     print_opening_lines(run)
     if run.checkpoint is not None:
         return evaluate_checkpoint(run)
@@ -57,6 +63,7 @@ def training_recipe(run: RunOptions):
     from nvflare.client.config import TransferType
 
     from brats_fl.fl_components import LastGlobalModelKeeper, SiteFailureWatcher
+    from brats_fl.memory import RECIPE_MEMORY_CLEANUP
     from brats_fl.nvflare_compat import ResumableFedAvgRecipe, add_server_component
     from brats_fl.recipes import add_privacy, add_tracking, send_to_named_sites, ship_app_files, stop_condition
     from model import BratsSegResNet
@@ -78,6 +85,7 @@ def training_recipe(run: RunOptions):
         rounds_without_improvement=start.rounds_without_improvement,
         local_only=settings.local_only,  # --local_only: each site trains alone (brats_fl/site_models.py) ...
         local_final_evaluation=run.final_eval,  # ... then scores its own best model, in the same job
+        **RECIPE_MEMORY_CLEANUP,  # gc + malloc_trim every round at server and sites: memory stays flat over rounds
     )
     if run.env.sends_to_named_sites:
         send_to_named_sites(recipe, run.n_clients)  # a deployment: site-1 ... site-N, not every site there is

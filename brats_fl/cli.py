@@ -145,6 +145,9 @@ FLAGS: tuple[Flag, ...] = (
          existing_job=EXISTING_JOB),
     Flag("no_cache", "hardware", "load and preprocess every case at every use instead", ON,
          existing_job=EXISTING_JOB),
+    Flag("skip_memory_check", "hardware", "start even when the memory estimate of the sites that run at once exceeds "
+         "what this machine has (job.py prints the estimate first; docs/performance.md#memory)", ON,
+         existing_job=EXISTING_JOB),
     # differential privacy
     Flag("enable_dp", "privacy", "protect every site's update (mechanism: --dp_mechanism)", ON),
     Flag("dp_mechanism", "privacy", "svt: NVFlare's SVTPrivacy filter on each outgoing weight difference, as in the "
