@@ -493,6 +493,18 @@ def csv_value(key: str, value: float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
+def add_infer_roi_size_flag(parser) -> None:
+    """--infer_roi_size, as every command that runs the model takes it (evaluate, predict, export_bundle)."""
+    parser.add_argument(
+        "--infer_roi_size",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window size, multiples of 8 (default: the job's when the model lies in a job folder, else "
+        f"{' '.join(map(str, default('infer_roi_size')))})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m result_stat.evaluate",
@@ -531,14 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset_brats18/datalist/site-All.json)",
     )
     run = p.add_argument_group("inference")
-    run.add_argument(
-        "--infer_roi_size",
-        type=int,
-        nargs=3,
-        metavar=("X", "Y", "Z"),
-        help="sliding-window size, multiples of 8 (default: the job's, else "
-        f"{' '.join(map(str, default('infer_roi_size')))})",
-    )
+    add_infer_roi_size_flag(run)
     run.add_argument(
         "--cache_dir",
         help="disk cache of preprocessed cases (default: the one the job's sites used, else "

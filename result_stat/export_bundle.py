@@ -29,8 +29,15 @@ import torch
 
 import brats_fl.pipeline as bp
 from brats_fl.job_results import JobPaths, read_round_metrics
-from brats_fl.settings import EXIT_BAD_INPUT, EXIT_OK, SettingsError, TrainingSettings, default
-from result_stat.evaluate import EvaluationInputError, job_paths_of, load_model, logged_best, quiet_monai_warnings
+from brats_fl.settings import EXIT_BAD_INPUT, EXIT_OK, SettingsError, TrainingSettings
+from result_stat.evaluate import (
+    EvaluationInputError,
+    add_infer_roi_size_flag,
+    job_paths_of,
+    load_model,
+    logged_best,
+    quiet_monai_warnings,
+)
 
 SCRIPTS_SOURCE = Path(__file__).resolve().parent / "bundle_scripts" / "brats_inference.py"
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -411,14 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         "into the metadata) or any NVFlare persistor dict or plain state dict of the network",
     )
     p.add_argument("--output_dir", required=True, help="the bundle folder to write")
-    p.add_argument(
-        "--infer_roi_size",
-        type=int,
-        nargs=3,
-        metavar=("X", "Y", "Z"),
-        help="sliding-window size, multiples of 8 (default: the job's when the model lies in a job folder, else "
-        f"{' '.join(map(str, default('infer_roi_size')))})",
-    )
+    add_infer_roi_size_flag(p)
     p.add_argument(
         "--et_label",
         type=int,

@@ -30,7 +30,14 @@ from pathlib import Path
 import brats_fl.pipeline as bp
 from brats_fl.settings import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, default, roi_size_problem
 from dataset_brats18.layouts import NAMINGS, nifti_stem, parse_file_name, scan_dataset
-from result_stat.evaluate import EvaluationInputError, job_settings, load_model, quiet_monai_warnings, select_device
+from result_stat.evaluate import (
+    EvaluationInputError,
+    add_infer_roi_size_flag,
+    job_settings,
+    load_model,
+    quiet_monai_warnings,
+    select_device,
+)
 
 DATALIST_KEYS = ("testing", "validation", "training")  # looked up in this order when --datalist_key is not given
 
@@ -232,14 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"with a datalist: the list of cases to segment (default: the first of {', '.join(DATALIST_KEYS)} "
         "that the file has)",
     )
-    p.add_argument(
-        "--infer_roi_size",
-        type=int,
-        nargs=3,
-        metavar=("X", "Y", "Z"),
-        help="sliding-window size, multiples of 8 (default: the job's when the model lies in a job folder, else "
-        f"{' '.join(map(str, default('infer_roi_size')))})",
-    )
+    add_infer_roi_size_flag(p)
     p.add_argument(
         "--gpu",
         type=int,
