@@ -7,8 +7,11 @@ models and writes the cross-site matrix (docs/cross_site.md).
 The jobs are job.py on `--demo heterogeneous` (4 sites that differ as hospitals do; demo settings: 12 rounds,
 SegResNet-8, 32^3 crops), without their own final evaluation (the matrix scores the same models at the same sites):
 `--local_only` (each site alone), FedAvg of the 4 sites, and the centralised baseline on their pooled cases. Each runs
-in <workspace>/<name>, its output in <workspace>/<name>.log. Then `python -m result_stat.cross_site` scores the 6
-models at the 4 sites. figs/cross_site_demo.md records the table, each step's wall time and the machine's load.
+in <workspace>/<name>, its output in <workspace>/<name>.log. The three jobs run at the same time: a 4-site job keeps
+the CPU only half busy, as its three smaller sites wait each round for the large one (--sequential runs them one
+after another, for each job's own time or a machine short of memory). Their results do not depend on it: a job's
+figures do not depend on the machine's load. Then `python -m result_stat.cross_site` scores the 6 models at the 4
+sites. figs/cross_site_demo.md records the table, each step's wall time and the machine's load.
 """
 
 from __future__ import annotations
@@ -41,22 +44,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figs_dir", default=str(REPO_DIR / "figs"), help="where the figure and the table go")
     p.add_argument("--matrix_only", action="store_true", help="score the jobs already trained in --workspace")
     p.add_argument("--overwrite", action="store_true", help="train again over jobs that --workspace already holds")
+    p.add_argument("--sequential", action="store_true", help="run the three jobs one after another rather than "
+                   "at the same time: slower, less memory at once")  # fmt: skip
     return p
 
 
-def run_step(name: str, command: list[str], workspace: Path) -> float:
-    """Run one step, its output in <workspace>/<name>.log; its wall time in seconds (RuntimeError if it fails)."""
-    log = workspace / f"{name}.log"
-    print(f"{name}: {' '.join(command[1:])} (output in {log})", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_DIR).returncode
-    seconds = time.perf_counter() - started
-    if code != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"{name} failed (exit {code}) after {seconds:.0f} s: {' | '.join(tail)}")
-    print(f"  done in {seconds / 60:.1f} min", flush=True)
+def run_steps(commands: dict[str, list[str]], workspace: Path) -> dict[str, float]:
+    """Run the steps at the same time, each one's output in <workspace>/<name>.log; each one's wall time in seconds.
+    RuntimeError naming the first that failed, once all have ended."""
+    started, running = time.perf_counter(), {}
+    for name, command in commands.items():
+        log = workspace / f"{name}.log"
+        print(f"{name}: {' '.join(command[1:])} (output in {log})", flush=True)
+        with open(log, "w") as out:
+            running[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_DIR)
+    seconds, failed = {}, []
+    while running:
+        time.sleep(1.0)
+        for name, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            seconds[name] = time.perf_counter() - started
+            del running[name]
+            if proc.returncode != 0:
+                tail = (workspace / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                failed.append(f"{name} failed (exit {proc.returncode}) after {seconds[name]:.0f} s: {' | '.join(tail)}")
+            else:
+                print(f"  {name} done in {seconds[name] / 60:.1f} min", flush=True)
+    if failed:
+        raise RuntimeError("; ".join(failed))
     return seconds
+
+
+def write_demo_data(workspace: Path) -> None:
+    """The heterogeneous demo's cases, once, before jobs that would otherwise all write them at the same time."""
+    from dataset_brats18.heterogeneous import HETEROGENEOUS_SITES, heterogeneous_demo
+
+    heterogeneous_demo(workspace, len(HETEROGENEOUS_SITES))
 
 
 def job_command(name: str, workspace: Path, overwrite: bool) -> list[str]:
@@ -75,24 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     workspace, figs = Path(args.workspace).resolve(), Path(args.figs_dir).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     figure = figs / "cross_site_demo.png"
-    load_before = os.getloadavg()
+    load_before, started = os.getloadavg(), time.perf_counter()
     times = {}
     try:
         if not args.matrix_only:
-            for name in JOBS:
-                times[name] = run_step(name, job_command(name, workspace, args.overwrite), workspace)
-        times["matrix"] = run_step("matrix", matrix_command(workspace, figure), workspace)
+            write_demo_data(workspace)
+            times["data"] = time.perf_counter() - started
+            commands = {name: job_command(name, workspace, args.overwrite) for name in JOBS}
+            waves = [{name: command} for name, command in commands.items()] if args.sequential else [commands]
+            for wave in waves:
+                times.update(run_steps(wave, workspace))
+        times.update(run_steps({"matrix": matrix_command(workspace, figure)}, workspace))
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     table = (workspace / "cross_site" / "server" / "simulate_job" / "cross_site.md").read_text()
     load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
-    timing = ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in times.items())
+    together = "" if args.sequential or args.matrix_only else " (the three jobs at the same time)"
+    timing = ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in times.items()) + together
     record = [
         "# Cross-site matrix of the heterogeneous demo",
         "",
-        "Made by `python -m benchmarks.cross_site_demo`" + (" --matrix_only" if args.matrix_only else "") + ".",
-        f"Wall time: {timing}; total {sum(times.values()) / 60:.1f} min; {load}.",
+        f"Made by `python -m benchmarks.cross_site_demo{''.join(f' {a}' for a in argv or sys.argv[1:])}`.",
+        f"Wall time: {timing}; total {(time.perf_counter() - started) / 60:.1f} min; {load}.",
         "",
         table.strip(),
         "",

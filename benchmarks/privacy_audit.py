@@ -4,6 +4,7 @@ epsilon 8, each trained once with the privacy audit on (job.py --audit), side by
     python -m benchmarks.privacy_audit                   # 3 audited demo jobs, the table and figs/privacy_audit.png
     python -m benchmarks.privacy_audit --utility         # + each job without canaries and without the audit (Dice)
     python -m benchmarks.privacy_audit --replot_only     # re-read the finished jobs, rewrite table and figure
+    python -m benchmarks.privacy_audit --canary_cost W0 W1 W2   # what canaries cost, over runs of other seeds
 
 Each job is `python job.py --audit` on the demo data (4 sites, 12 rounds, SegResNet-8; no final evaluation) in
 <workspace>/<name>, its output in <workspace>/<name>.log. The table has one row per mechanism, all sites pooled:
@@ -12,7 +13,9 @@ figure means, and what it does not, is in docs/privacy.md ("The privacy audit").
 curves on log axes and the score histograms of included and excluded canaries, per mechanism.
 
 With --utility the Dice of each mechanism is also measured with the hold-out but no canaries (--audit_no_insert) and
-in the ordinary job (all training cases, no audit): what the canaries cost, and what the hold-out costs.
+in the ordinary job (all training cases, no audit): what the canaries cost, and what the hold-out costs. One job each
+cannot tell the canaries' cost from run-to-run variation: run `--variants audited no_canaries --seed S` in one
+workspace per seed, then `--canary_cost` over those workspaces compares the two variants seed by seed.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit_canaries", type=int, default=None, metavar="N",
                    help="canaries per site (default: job.py's)")  # fmt: skip
     p.add_argument("--num_rounds", type=int, default=None, help="FL rounds per job (default: the demo's 12)")
+    p.add_argument("--seed", type=int, default=None, help="job.py's --seed for every job (initial weights, sampling, "
+                   "augmentation; default: job.py's); repeat the benchmark with other seeds, each in its own "
+                   "--workspace, to see the run-to-run spread")  # fmt: skip
     p.add_argument(
         "--utility",
         action="store_true",
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "not_audited (the ordinary job) (default: audited); the table reads every variant found in "
                    "--workspace")  # fmt: skip
     p.add_argument("--replot_only", action="store_true", help="run nothing: re-read the jobs in --workspace")
+    p.add_argument("--canary_cost", nargs="+", metavar="WORKSPACE", help="run nothing: print, per mechanism, the best "
+                   "Dice with canaries (audited) and without (no_canaries) in each of these workspaces (one seed "
+                   "each) and the differences")  # fmt: skip
     return p
 
 
@@ -88,6 +97,8 @@ def job_command(job: AuditJob, args: argparse.Namespace) -> list[str]:
         command += ["--audit_canaries", str(args.audit_canaries)]
     if args.num_rounds is not None:
         command += ["--num_rounds", str(args.num_rounds)]
+    if args.seed is not None:
+        command += ["--seed", str(args.seed)]
     return command
 
 
@@ -205,8 +216,38 @@ def utility_lines(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def canary_cost_lines(workspaces: list[str]) -> list[str]:
+    """Per mechanism, the best Dice with and without canaries in each workspace (one seed each) and the differences:
+    whether the canaries cost Dice beyond what changes from one run to the next anyway."""
+    import numpy as np
+
+    lines = [
+        "| mechanism | with canaries | hold-out, no canaries | difference | mean difference (sd) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mechanism, (label, _, _) in MECHANISMS.items():
+        runs = [(best_dice(AuditJob(mechanism, "audited"), w), best_dice(AuditJob(mechanism, "no_canaries"), w))
+                for w in workspaces]  # fmt: skip
+        runs = [run for run in runs if None not in run]
+        if not runs:
+            continue
+        differences = np.array([with_canaries - without for with_canaries, without in runs])
+        spread = f" ({differences.std(ddof=1):.3f})" if len(runs) > 1 else ""
+        cells = [" / ".join(f"{run[k]:.3f}" for run in runs) for k in (0, 1)]
+        cells += [" / ".join(f"{d:+.3f}" for d in differences), f"{differences.mean():+.3f}{spread}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.canary_cost:
+        missing = [w for w in args.canary_cost if not Path(w).is_dir()]
+        if missing:
+            print(f"error: --canary_cost {missing[0]}: not a folder", file=sys.stderr)
+            return 2
+        print("\n".join(canary_cost_lines(args.canary_cost)))
+        return 0
     if args.audit_canaries is not None and args.audit_canaries < 16:
         print(f"error: --audit_canaries {args.audit_canaries}: need >= 16", file=sys.stderr)
         return 2

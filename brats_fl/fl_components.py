@@ -13,7 +13,6 @@ that can start at a later round is with the other NVFlare 2.9 specifics, in brat
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from threading import Lock
 
@@ -30,18 +29,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from brats_fl.evaluation import CASES_KEY
-from brats_fl.job_results import FINAL_EVALUATION_FILE, LAST_MODEL_FILE
+from brats_fl.job_results import FINAL_EVALUATION_FILE, LAST_MODEL_FILE, write_atomically
 from brats_fl.settings import SITE_FAILURE_MARK, SITE_FAILURE_META
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(tmp_path), then rename into place: a reader sees the old file or the whole new one, never half."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class LastGlobalModelKeeper(Widget):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,16 @@ LAST_MODEL_FILE = "last_global_model.pt"  # the project's: the global model of t
 FINAL_EVALUATION_FILE = "final_evaluation.json"  # the sites' per-case scores of the best model
 RESUMED_FOLDER = "resumed"  # <job>/resumed/from_round_<k>/: where a resumed job's continuation from round k runs
 REGION_METRICS = ("val_dice_tc", "val_dice_wt", "val_dice_et")
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp_path), then rename into place: a reader sees the old file or the whole new one, never half."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class JobResultError(RuntimeError):

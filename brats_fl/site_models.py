@@ -29,8 +29,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from brats_fl.evaluation import CASES_KEY
-from brats_fl.fl_components import write_atomically
-from brats_fl.job_results import FINAL_EVALUATION_FILE
+from brats_fl.job_results import FINAL_EVALUATION_FILE, write_atomically
 from brats_fl.settings import KEY_METRIC
 
 LOCAL_MODELS_DIR = "local_models"  # <server job folder>/local_models/<site>.pt: each site's best local model

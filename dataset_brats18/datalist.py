@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from brats_fl.job_results import write_atomically
 from brats_fl.pipeline import ET_LABEL_BRATS2017, ET_LABEL_BRATS2023
 from brats_fl.pipeline import MODALITIES as MODALITY_ORDER  # one channel order for the pipeline and the datalists
 from brats_fl.settings import site_names
@@ -43,11 +44,12 @@ def brats18_case_entry(case_id: str, grade: str) -> dict:
 def write_datalist(
     path: str | Path, training: list[dict], validation: list[dict], et_label: int = ET_LABEL_BRATS2017
 ) -> None:
-    """Write one datalist JSON with a stable layout (sorted keys, 2-space indent, trailing newline)."""
+    """Write one datalist JSON with a stable layout (sorted keys, 2-space indent, trailing newline), atomically: a job
+    reading it while another job writes the same datalist (the demo's jobs at once) reads a whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"et_label": et_label, "training": training, "validation": validation}
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    text = json.dumps({"et_label": et_label, "training": training, "validation": validation}, indent=2, sort_keys=True)
+    write_atomically(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
 def _name_some(items: Sequence[str]) -> str:

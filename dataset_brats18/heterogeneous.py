@@ -78,6 +78,7 @@ def generate_heterogeneous(
 ) -> Path:
     """Write every site's cases under out_dir and their datalists in out_dir/datalist_<N>_sites; returns that folder.
     The same arguments give the same voxels; a folder made with other arguments is written afresh."""
+    from brats_fl.job_results import write_atomically
     from brats_fl.settings import site_names
     from dataset_brats18.datalist import brats18_case_entry, write_datalist
 
@@ -101,7 +102,7 @@ def generate_heterogeneous(
         pooled_train += training
         pooled_val += validation
     write_datalist(datalist_dir / "site-All.json", pooled_train, pooled_val)
-    manifest.write_text(json.dumps(settings, indent=1) + "\n")
+    write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
     return datalist_dir
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,27 @@ def test_comparison_table_and_figure_from_finished_jobs(tmp_path):
     assert table[0].startswith("| mechanism | formal epsilon (delta) | estimate | lower bound (cap) | canary AUC")
     assert [row.split(" | ")[0] for row in table[2:5]] == ["| no privacy", "| SVT", "| DP-SGD"]
     assert (out / "privacy_audit.png").stat().st_size > 10_000
+
+
+def test_canary_cost_compares_the_two_variants_seed_by_seed(tmp_path, capsys):
+    from benchmarks import privacy_audit as bench
+    from brats_fl.job_results import JobPaths
+
+    def finished(workspace: Path, name: str, dice_per_round: list[float]) -> None:
+        path = JobPaths(workspace, name).round_metrics
+        path.parent.mkdir(parents=True)
+        rounds = [
+            {"round": r, "aggregated_metrics": [{"name": "val_dice", "value": d}]} for r, d in enumerate(dice_per_round)
+        ]
+        path.write_text("\n".join(json.dumps(r) for r in rounds) + "\n")
+
+    for seed, (audited, without) in enumerate([(0.50, 0.60), (0.70, 0.60)]):
+        finished(tmp_path / f"seed{seed}", "audit_svt", [0.9, audited, audited - 0.1])  # round 0 never counts
+        finished(tmp_path / f"seed{seed}", "audit_svt_no_canaries", [0.0, without])
+    finished(tmp_path / "seed0", "audit_none", [0.0, 0.8])  # no job without canaries: no row
+    assert bench.main(["--canary_cost", str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == [
+        "| SVT (paper's settings) | 0.500 / 0.700 | 0.600 / 0.600 | -0.100 / +0.100 | +0.000 (0.141) |"
+    ]
+    assert bench.main(["--canary_cost", str(tmp_path / "nowhere")]) == 2

@@ -68,3 +68,24 @@ def test_gpu_check_refuses_to_run_full_size_without_a_gpu():
         pytest.skip("a CUDA device is visible")
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], capture_output=True, text=True, cwd=REPO_DIR)
     assert done.returncode == 2 and "no CUDA device" in done.stderr
+
+
+def test_the_cross_site_demos_jobs_run_at_the_same_time_and_a_failure_is_named_once_all_ended(tmp_path):
+    from benchmarks import cross_site_demo
+
+    def step(name: str, code: int) -> list[str]:  # writes its start and end times, then exits with code
+        script = (
+            "import sys, time; from pathlib import Path; t0 = time.time(); time.sleep(1.0); "
+            f"Path({str(tmp_path / name)!r}).write_text(f'{{t0}} {{time.time()}}'); "
+            f"print('{name} ran'); sys.exit({code})"
+        )
+        return [sys.executable, "-c", script]
+
+    seconds = cross_site_demo.run_steps({"a": step("a", 0), "b": step("b", 0)}, tmp_path)
+    assert sorted(seconds) == ["a", "b"] and (tmp_path / "a.log").read_text() == "a ran\n"
+    (a0, a1), (b0, b1) = ([float(t) for t in (tmp_path / n).read_text().split()] for n in ("a", "b"))
+    assert a0 < b1 and b0 < a1  # the two steps overlapped
+
+    with pytest.raises(RuntimeError, match=r"^b failed \(exit 3\) after \d+ s: b ran$"):
+        cross_site_demo.run_steps({"a": step("a", 0), "b": step("b", 3)}, tmp_path)
+    assert (tmp_path / "a.log").read_text() == "a ran\n"  # the other step was not cut short
