@@ -77,9 +77,21 @@ def test_memory_points_smoke_measures_each_point_in_its_own_process(tmp_path):
 
 
 @pytest.mark.e2e
-def test_soak_smoke_samples_every_process_of_a_real_job(tmp_path):
+def test_soak_smoke_samples_every_process_of_a_real_job(tiny_federation, tmp_path):
+    data_dir, datalist_dir = tiny_federation
+    tiny = f"--dataset_base_dir {data_dir} --datalist_json_path {datalist_dir} --roi_size 32 32 24"
+    soak_command = [
+        sys.executable,
+        "-m",
+        "benchmarks.soak",
+        "--smoke",
+        "--num_rounds",
+        "3",
+        "--workspace",
+        str(tmp_path),
+    ]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.soak", "--smoke", "--num_rounds", "3", "--workspace", str(tmp_path)],
+        [*soak_command, "--job_flags", f"{tiny} --infer_roi_size 32 32 24 --init_filters 8"],
         capture_output=True,
         text=True,
         cwd=REPO_DIR,
