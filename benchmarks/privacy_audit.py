@@ -140,9 +140,10 @@ def audit_result(job: AuditJob, workspace: str) -> dict | None:
 
 
 def best_dice(job: AuditJob, workspace: str) -> float | None:
-    """The job's best global validation Dice after round 0 (what its model selector keeps), or None."""
+    """The job's best global validation Dice after round 0 (what its model selector keeps), or None when this
+    benchmark has not recorded the job as finished (a job still running has only its first rounds)."""
     path = JobPaths(Path(workspace), job.name).round_metrics
-    if not path.is_file():
+    if job.name not in recorded_run_times(workspace) or not path.is_file():
         return None
     dice = [r.metrics["val_dice"] for r in read_round_metrics(path) if r.round > 0 and "val_dice" in r.metrics]
     return max(dice) if dice else None

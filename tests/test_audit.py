@@ -279,11 +279,15 @@ def test_canary_cost_compares_the_two_variants_seed_by_seed(tmp_path, capsys):
             {"round": r, "aggregated_metrics": [{"name": "val_dice", "value": d}]} for r, d in enumerate(dice_per_round)
         ]
         path.write_text("\n".join(json.dumps(r) for r in rounds) + "\n")
+        bench.record_run_time(str(workspace), name, 60.0)  # as the benchmark records a job that finished
 
     for seed, (audited, without) in enumerate([(0.50, 0.60), (0.70, 0.60)]):
         finished(tmp_path / f"seed{seed}", "audit_svt", [0.9, audited, audited - 0.1])  # round 0 never counts
         finished(tmp_path / f"seed{seed}", "audit_svt_no_canaries", [0.0, without])
     finished(tmp_path / "seed0", "audit_none", [0.0, 0.8])  # no job without canaries: no row
+    finished(tmp_path / "seed0", "audit_dpsgd", [0.0, 0.3])
+    finished(tmp_path / "seed0", "audit_dpsgd_no_canaries", [0.0, 0.2])
+    (tmp_path / "seed0" / bench.RUN_TIMES).write_text(json.dumps({"audit_svt": 1, "audit_svt_no_canaries": 1}))
     assert bench.main(["--canary_cost", str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2:] == [
