@@ -242,9 +242,16 @@ def test_comparison_commands_are_job_py_with_the_audit():
     assert dpsgd_job[1].endswith("job.py") and dpsgd_job[dpsgd_job.index("--job_name") + 1] == "audit_dpsgd"
     assert " ".join(dpsgd_job).endswith("--dp_mechanism dpsgd --dp_target_epsilon 8 --audit --audit_canaries 64")
     assert "--audit_no_insert" in bench.job_command(bench.AuditJob("svt", "no_canaries"), args)
+    svt_job = bench.job_command(bench.AuditJob("svt", "audited"), args)  # SVT's canaries are small: see CANARY_NORMS
+    assert svt_job[svt_job.index("--job_name") + 1] == "audit_svt_canary_norm_0.01"
+    assert " ".join(svt_job).endswith("--enable_dp --audit --audit_canaries 64 --dp_max_grad_norm 0.01")
     ordinary = bench.job_command(bench.AuditJob("none", "not_audited"), args)
     assert "--audit" not in ordinary and "--audit_canaries" not in ordinary and "--no_final_eval" in ordinary
-    assert [j.name for j in bench.jobs_to_run(["audited"])] == ["audit_none", "audit_svt", "audit_dpsgd"]
+    assert [j.name for j in bench.jobs_to_run(["audited"])] == [
+        "audit_none",
+        "audit_svt_canary_norm_0.01",
+        "audit_dpsgd",
+    ]
 
 
 def test_comparison_table_and_figure_from_finished_jobs(tmp_path):
@@ -255,7 +262,7 @@ def test_comparison_table_and_figure_from_finished_jobs(tmp_path):
         settings = demo_settings(
             audit=True, audit_seed=SEED, audit_canaries=64, dp_mechanism=None if mechanism == "none" else mechanism
         )
-        folder = JobPaths(tmp_path / "ws", f"audit_{mechanism}").server_job_dir
+        folder = JobPaths(tmp_path / "ws", bench.AuditJob(mechanism, "audited").name).server_job_dir
         folder.mkdir(parents=True)
         observations = fake_observations(settings, ["site-1", "site-2"], 2, shift)
         (folder / audit.OBSERVATIONS_FILE).write_text(json.dumps(observations))
@@ -282,12 +289,16 @@ def test_canary_cost_compares_the_two_variants_seed_by_seed(tmp_path, capsys):
         bench.record_run_time(str(workspace), name, 60.0)  # as the benchmark records a job that finished
 
     for seed, (audited, without) in enumerate([(0.50, 0.60), (0.70, 0.60)]):
-        finished(tmp_path / f"seed{seed}", "audit_svt", [0.9, audited, audited - 0.1])  # round 0 never counts
+        finished(
+            tmp_path / f"seed{seed}", "audit_svt_canary_norm_0.01", [0.9, audited, audited - 0.1]
+        )  # round 0 never counts
         finished(tmp_path / f"seed{seed}", "audit_svt_no_canaries", [0.0, without])
     finished(tmp_path / "seed0", "audit_none", [0.0, 0.8])  # no job without canaries: no row
     finished(tmp_path / "seed0", "audit_dpsgd", [0.0, 0.3])
     finished(tmp_path / "seed0", "audit_dpsgd_no_canaries", [0.0, 0.2])
-    (tmp_path / "seed0" / bench.RUN_TIMES).write_text(json.dumps({"audit_svt": 1, "audit_svt_no_canaries": 1}))
+    (tmp_path / "seed0" / bench.RUN_TIMES).write_text(
+        json.dumps({"audit_svt_canary_norm_0.01": 1, "audit_svt_no_canaries": 1})
+    )
     assert bench.main(["--canary_cost", str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2:] == [

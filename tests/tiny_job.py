@@ -12,19 +12,18 @@ from brats_fl.job_results import JobPaths
 REPO_DIR = Path(__file__).resolve().parents[1]
 JOB_NAME = "brats18_4"
 NUM_ROUNDS = 3  # rounds 1 and 2 can both be best: an off-by-one in the saved model would show
-_runs: dict[Path, JobPaths] = {}
 
 
 def tiny_job_paths(tmp_path_factory, dataset_dir: Path, datalist_dir: Path) -> JobPaths:
-    """Run the job the first time it is asked for in this session; later calls reuse it."""
-    key = tmp_path_factory.getbasetemp()
-    if key not in _runs:
-        workspace = tmp_path_factory.mktemp("tiny_job_ws")
-        command = tiny_job_command(workspace, dataset_dir, datalist_dir)
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
+    """Run the job the first time a test of this run asks for it (in any test worker); later calls reuse it."""
+    from conftest import made_once
+
+    def run(workspace: Path) -> None:
+        done = subprocess.run(tiny_job_command(workspace, dataset_dir, datalist_dir), capture_output=True, text=True,
+                              cwd=REPO_DIR)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-        _runs[key] = JobPaths(workspace, JOB_NAME)
-    return _runs[key]
+
+    return JobPaths(made_once(tmp_path_factory, "tiny_job_ws", run), JOB_NAME)
 
 
 def tiny_job_command(workspace: Path, dataset_dir: Path, datalist_dir: Path) -> list[str]:
