@@ -202,8 +202,8 @@ def plot_audit(results: dict[str, dict], png: Path, title: str) -> None:
         bound = result["all_sites"]["canaries"]["lower_bound"]
         estimate = result["all_sites"]["canaries"]["estimate"]
         ax.set_title(
-            f"{label}\nestimate {audit_report._fmt(estimate['epsilon'])}, bound {float(bound['epsilon']):.2f} "
-            f"(cap {float(bound['cap']):.2f})",
+            f"{label}, canaries of norm {result['canary_norm']:g}\nestimate {audit_report._fmt(estimate['epsilon'])}, "
+            f"bound {float(bound['epsilon']):.2f} (cap {float(bound['cap']):.2f})",
             fontsize=8,
         )
         ax.set_xlabel("score: sum over rounds of cos(canary, -update)", fontsize=8)
