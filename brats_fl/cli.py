@@ -166,8 +166,9 @@ FLAGS: tuple[Flag, ...] = (
          "rounds, > 0", {"type": float}, setting=True),
     Flag("dp_delta", "privacy", "DP-SGD: delta of that guarantee, in (0, 1) and below 1/(training cases) at every "
          "site (default: 0.1 / training cases, per site)", {"type": float}),
-    Flag("dp_max_grad_norm", "privacy", "DP-SGD: L2 bound each case's gradient is clipped to, > 0", {"type": float},
-         setting=True),
+    Flag("dp_max_grad_norm", "privacy", "DP-SGD: L2 bound each case's gradient is clipped to, > 0; with --audit also "
+         "the canaries' norm (under SVT give 0.01: canaries of norm 1 cost SVT's Dice; docs/privacy.md)",
+         {"type": float}, setting=True),
     Flag("dp_secure_mode", "privacy", "DP-SGD: Opacus's secure mode, noise robust to floating-point attacks (each "
          "noise value is the scaled sum of 4 Gaussian draws; see docs/privacy.md) (default: off)", ON),
     # privacy audit
