@@ -494,7 +494,7 @@ def csv_value(key: str, value: float) -> str:
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 def add_infer_roi_size_flag(parser) -> None:
-    """--infer_roi_size, as every command that runs the model takes it (evaluate, predict, export_bundle)."""
+    """--infer_roi_size, as every command that runs the model takes it (evaluate, predict, export_bundle, plot_case)."""
     parser.add_argument(
         "--infer_roi_size",
         type=int,

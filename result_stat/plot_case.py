@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 import brats_fl.pipeline as bp  # noqa: E402
-from brats_fl.settings import DEFAULT_WORKSPACE, EXIT_BAD_INPUT, default  # noqa: E402
+from brats_fl.settings import DEFAULT_WORKSPACE, EXIT_BAD_INPUT  # noqa: E402
 from result_stat import evaluate as ev  # noqa: E402
 
 SHOWN_MODALITIES = ("flair", "t1ce")
@@ -223,14 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="case id, e.g. Brats18_TCIA01_201_1 (default: the first validation case; "
         "with --prediction: the case the file is named after)",
     )
-    data.add_argument(
-        "--infer_roi_size",
-        type=int,
-        nargs=3,
-        metavar=("X", "Y", "Z"),
-        help="sliding-window size for --job_name/--checkpoint (default: the job's, else "
-        f"{' '.join(map(str, default('infer_roi_size')))})",
-    )
+    ev.add_infer_roi_size_flag(data)  # with --job_name/--checkpoint
     data.add_argument(
         "--gpu",
         type=int,

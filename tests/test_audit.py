@@ -289,9 +289,8 @@ def test_canary_cost_compares_the_two_variants_seed_by_seed(tmp_path, capsys):
         bench.record_run_time(str(workspace), name, 60.0)  # as the benchmark records a job that finished
 
     for seed, (audited, without) in enumerate([(0.50, 0.60), (0.70, 0.60)]):
-        finished(
-            tmp_path / f"seed{seed}", "audit_svt_canary_norm_0.01", [0.9, audited, audited - 0.1]
-        )  # round 0 never counts
+        rounds = [0.9, audited, audited - 0.1]  # round 0 never counts
+        finished(tmp_path / f"seed{seed}", "audit_svt_canary_norm_0.01", rounds)
         finished(tmp_path / f"seed{seed}", "audit_svt_no_canaries", [0.0, without])
     finished(tmp_path / "seed0", "audit_none", [0.0, 0.8])  # no job without canaries: no row
     finished(tmp_path / "seed0", "audit_dpsgd", [0.0, 0.3])
